@@ -1,0 +1,784 @@
+//! One proxied TCP connection, from accept to close, driven by its shard's completions.
+//!
+//! Phases: handshake (bytes fed to the sans-IO [`ServerHandshake`]) -> resolve (domain
+//! targets, off-shard) -> connect (each resolved address in turn) -> reply (the success reply
+//! and any pipelined early data) -> forwarding, on one of two paths:
+//!
+//! - **splice**: per direction, wait for readability with a poll (holding nothing), borrow a
+//!   pipe from the shard's pool, splice socket -> pipe -> socket, and give the pipe back once
+//!   it is empty. Every splice is non-blocking, so no io-wq worker parks on an idle socket.
+//! - **copy**: per direction, a multishot receive into the shard's provided buffer ring; each
+//!   buffer is sent on and recycled only after its send completed. A direction whose queue
+//!   grows past `HIGH_WATER` cancels its receive (back-pressure) and re-arms below `LOW_WATER`.
+//!
+//! Short splices and sends continue from where they stopped. EOF in one direction shuts down
+//! writing toward the other side once its bytes are out, and the other direction flows on.
+//! Closing cancels every op on both sockets; the shard frees the connection (and its fds and
+//! pipes) only when the last op has completed.
+
+use std::collections::VecDeque;
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+use socket2::{Domain, SockAddr, Socket, Type};
+use tracing::{debug, info};
+
+use crate::config::ForwardMode;
+use crate::dns::ResolveError;
+use crate::proto::{self, Addr, Command, RelayError, Rep, ServerHandshake, Step};
+use crate::shard::pipes::Pipe;
+use crate::shard::{kind, Completion, Io, OpId, OpMem, Token};
+
+const C2T: usize = 0;
+const T2C: usize = 1;
+/// Copy path: queued buffers per direction before its receive pauses, and where it resumes.
+const HIGH_WATER: usize = 16;
+const LOW_WATER: usize = 4;
+/// A handshake never needs more than greeting (257) + auth (513) + request (262) bytes.
+const MAX_HANDSHAKE: usize = 2048;
+/// How long a rejected client gets to read its error reply.
+const REJECT_LINGER: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Handshake,
+    Resolving,
+    Connecting,
+    Replying,
+    Forwarding,
+    Rejecting,
+}
+
+#[derive(Default)]
+struct Dir {
+    // splice path
+    pipe: Option<Pipe>,
+    in_pipe: u32,
+    last_in: u32,
+    // copy path
+    recv_op: Option<OpId>,
+    queue: VecDeque<(u16, u32)>,
+    sending: bool,
+    paused: bool,
+    // both
+    eof: bool,
+    done: bool,
+}
+
+pub struct Conn {
+    token: Token,
+    client: Socket,
+    target: Option<Socket>,
+    peer: Option<SocketAddr>,
+    phase: Phase,
+    hs: Option<Box<ServerHandshake>>,
+    hs_buf: Vec<u8>,
+    dst: Option<Addr>,
+    addrs: Vec<SocketAddr>,
+    next_addr: usize,
+    last_err: Option<RelayError>,
+    /// Handshake output not yet sent when the request arrived pipelined (auth status).
+    reply_prefix: Vec<u8>,
+    /// Client bytes that arrived after the request, to be sent to the target first.
+    early: Vec<u8>,
+    pending_sends: u8,
+    dirs: [Dir; 2],
+    inflight: u32,
+    timer_seq: u8,
+    timed_out: bool,
+    last_active: std::time::Instant,
+    closing: bool,
+}
+
+impl Conn {
+    pub fn new(client: Socket, token: Token) -> Conn {
+        Conn {
+            token,
+            client,
+            target: None,
+            peer: None,
+            phase: Phase::Handshake,
+            hs: Some(Box::new(ServerHandshake::new())),
+            hs_buf: Vec::new(),
+            dst: None,
+            addrs: Vec::new(),
+            next_addr: 0,
+            last_err: None,
+            reply_prefix: Vec::new(),
+            early: Vec::new(),
+            pending_sends: 0,
+            dirs: [Dir::default(), Dir::default()],
+            inflight: 0,
+            timer_seq: 0,
+            timed_out: false,
+            last_active: std::time::Instant::now(),
+            closing: false,
+        }
+    }
+
+    /// True once closing has finished: no op is in flight, so the shard may free everything.
+    pub fn is_finished(&self) -> bool {
+        self.closing && self.inflight == 0
+    }
+
+    fn tok(&self, k: u8, aux: u8) -> u64 {
+        self.token.with(k, aux).0
+    }
+
+    fn client_fd(&self) -> RawFd {
+        self.client.as_raw_fd()
+    }
+
+    fn target_fd(&self) -> RawFd {
+        self.target.as_ref().map_or(-1, |t| t.as_raw_fd())
+    }
+
+    /// (source, destination) sockets of direction `d`.
+    fn dir_fds(&self, d: usize) -> (RawFd, RawFd) {
+        if d == C2T {
+            (self.client_fd(), self.target_fd())
+        } else {
+            (self.target_fd(), self.client_fd())
+        }
+    }
+
+    fn peer_str(&self) -> String {
+        self.peer.map_or_else(|| "?".into(), |p| p.to_string())
+    }
+
+    fn dst_str(&self) -> String {
+        self.dst.as_ref().map_or_else(|| "?".into(), |d| d.to_string())
+    }
+
+    // ---- ops and timers -------------------------------------------------------------------
+
+    fn recv(&mut self, io: &mut Io, fd: RawFd, buf: Vec<u8>, k: u8) {
+        self.inflight += 1;
+        io.ring.recv(fd, buf, self.tok(k, 0));
+    }
+
+    fn send(&mut self, io: &mut Io, fd: RawFd, buf: Vec<u8>, off: usize, k: u8) {
+        self.inflight += 1;
+        io.ring.send(fd, buf, off, self.tok(k, 0));
+    }
+
+    fn poll(&mut self, io: &mut Io, fd: RawFd, events: i16, k: u8, d: usize) {
+        self.inflight += 1;
+        io.ring.poll(fd, events as u16 as u32, self.tok(k, d as u8));
+    }
+
+    fn arm_timer(&mut self, io: &mut Io, after: Duration) {
+        self.timer_seq = self.timer_seq.wrapping_add(1);
+        let t = self.tok(kind::TIMER, self.timer_seq);
+        io.wheel.insert(io.now + after, t);
+    }
+
+    fn disarm_timer(&mut self) {
+        self.timer_seq = self.timer_seq.wrapping_add(1);
+    }
+
+    // ---- lifecycle ------------------------------------------------------------------------
+
+    pub fn start(&mut self, io: &mut Io) {
+        self.peer = self.client.peer_addr().ok().and_then(|a| a.as_socket());
+        let _ = self.client.set_tcp_nodelay(true);
+        self.last_active = io.now;
+        let to = io.cfg.handshake_timeout;
+        self.arm_timer(io, to);
+        let fd = self.client_fd();
+        self.recv(io, fd, Vec::with_capacity(512), kind::HS_RECV);
+    }
+
+    /// Starts closing: cancels every op on both sockets. Nothing is freed here; the shard
+    /// releases the connection once the cancelled ops have completed.
+    pub fn close(&mut self, io: &mut Io) {
+        if self.closing {
+            return;
+        }
+        self.closing = true;
+        self.disarm_timer();
+        io.ring.cancel_fd(self.client_fd());
+        if self.target.is_some() {
+            io.ring.cancel_fd(self.target_fd());
+        }
+        if let Some(bufs) = io.bufs.as_mut() {
+            for d in &mut self.dirs {
+                for (bid, _) in d.queue.drain(..) {
+                    bufs.recycle(bid);
+                }
+            }
+        }
+    }
+
+    /// Gives back what the connection still holds, after its last op completed.
+    pub fn release(mut self: Box<Self>, io: &mut Io) {
+        for d in &mut self.dirs {
+            if let Some(p) = d.pipe.take() {
+                // A pipe with bytes left in it must not be lent again; dropping closes it.
+                if d.in_pipe == 0 {
+                    io.pipes.give(p);
+                }
+            }
+        }
+        // Sockets close when `self` drops.
+    }
+
+    pub fn on_timer(&mut self, io: &mut Io, t: Token) {
+        if t.aux() != self.timer_seq || self.closing {
+            return;
+        }
+        match self.phase {
+            Phase::Handshake => {
+                info!(client = %self.peer_str(), reason = "handshake timeout", "handshake failed");
+                self.close(io);
+            }
+            Phase::Resolving => {
+                self.timed_out = true;
+                self.fail(io, RelayError::ConnectTimeout);
+            }
+            Phase::Connecting => {
+                // The connect completes with -ECANCELED and is reported as a timeout there.
+                self.timed_out = true;
+                if self.target.is_some() {
+                    io.ring.cancel_fd(self.target_fd());
+                }
+            }
+            Phase::Forwarding => {
+                let Some(idle) = io.cfg.idle_timeout else {
+                    return;
+                };
+                let quiet = io.now.saturating_duration_since(self.last_active);
+                if quiet >= idle {
+                    debug!(client = %self.peer_str(), target = %self.dst_str(), "idle timeout");
+                    self.close(io);
+                } else {
+                    self.arm_timer(io, idle - quiet);
+                }
+            }
+            Phase::Replying | Phase::Rejecting => self.close(io),
+        }
+    }
+
+    pub fn on_completion(&mut self, io: &mut Io, t: Token, c: Completion) {
+        if !c.more {
+            self.inflight -= 1;
+        }
+        let d = t.aux() as usize;
+        if self.closing {
+            self.settle_after_close(io, t.kind(), d, &c);
+            return;
+        }
+        self.last_active = io.now;
+        match t.kind() {
+            kind::HS_RECV => self.on_hs_recv(io, c),
+            kind::HS_SEND => self.on_hs_send(io, c),
+            kind::CONNECT => self.on_connect(io, c),
+            kind::REPLY_SEND | kind::EARLY_SEND => self.on_reply_send(io, t.kind(), c),
+            kind::REJECT_SEND => self.on_reject_send(io, c),
+            kind::POLL_IN => self.on_poll_in(io, d, c.res),
+            kind::SPLICE_IN => self.on_splice_in(io, d, c.res),
+            kind::SPLICE_OUT => self.on_splice_out(io, d, c.res),
+            kind::POLL_OUT => self.on_poll_out(io, d, c.res),
+            kind::RECV => self.on_recv(io, d, c),
+            kind::SEND => self.on_send(io, d, c),
+            _ => {}
+        }
+    }
+
+    /// Completions that arrive after close: only account for what they hand back.
+    fn settle_after_close(&mut self, io: &mut Io, k: u8, d: usize, c: &Completion) {
+        match k {
+            kind::SPLICE_IN if c.res > 0 => self.dirs[d].in_pipe += c.res as u32,
+            kind::SPLICE_OUT if c.res > 0 => self.dirs[d].in_pipe -= c.res as u32,
+            kind::RECV if c.res > 0 => {
+                if let (Some(bid), Some(bufs)) =
+                    (io_uring::cqueue::buffer_select(c.flags), io.bufs.as_mut())
+                {
+                    bufs.recycle(bid);
+                }
+            }
+            kind::SEND => {
+                if let (OpMem::Pbuf { bid, .. }, Some(bufs)) = (&c.mem, io.bufs.as_mut()) {
+                    bufs.recycle(*bid);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ---- handshake ------------------------------------------------------------------------
+
+    fn on_hs_recv(&mut self, io: &mut Io, c: Completion) {
+        let OpMem::Buf { mut buf, off } = c.mem else {
+            return self.close(io);
+        };
+        if c.res <= 0 {
+            if off > 0 || c.res < 0 {
+                let reason = if c.res == 0 {
+                    "client closed mid-handshake".to_string()
+                } else {
+                    std::io::Error::from_raw_os_error(-c.res).to_string()
+                };
+                info!(client = %self.peer_str(), reason = %reason, "handshake failed");
+            }
+            return self.close(io);
+        }
+        buf.truncate(off + c.res as usize);
+        let users = io.cfg.users.as_deref();
+        let mut out = Vec::new();
+        let hs = self.hs.as_mut().expect("handshake state lives until the request");
+        let (step, consumed) = hs.advance(&buf, users, &mut out);
+        match step {
+            Step::NeedMore => {
+                buf.drain(..consumed);
+                if buf.len() >= MAX_HANDSHAKE {
+                    info!(client = %self.peer_str(), reason = "handshake too long", "handshake failed");
+                    return self.close(io);
+                }
+                let fd = self.client_fd();
+                if out.is_empty() {
+                    self.recv(io, fd, buf, kind::HS_RECV);
+                } else {
+                    self.hs_buf = buf;
+                    self.send(io, fd, out, 0, kind::HS_SEND);
+                }
+            }
+            Step::Request(req) => {
+                self.hs = None;
+                self.early = buf[consumed..].to_vec();
+                self.reply_prefix = out;
+                self.on_request(io, req);
+            }
+            Step::Reject(err) => {
+                self.hs = None;
+                info!(client = %self.peer_str(), reason = %err, "handshake failed");
+                self.reject(io, out);
+            }
+        }
+    }
+
+    fn on_hs_send(&mut self, io: &mut Io, c: Completion) {
+        let OpMem::Buf { buf, off } = c.mem else {
+            return self.close(io);
+        };
+        if c.res <= 0 {
+            return self.close(io);
+        }
+        let fd = self.client_fd();
+        let off = off + c.res as usize;
+        if off < buf.len() {
+            return self.send(io, fd, buf, off, kind::HS_SEND);
+        }
+        // Bytes left over from the last segment were already fed and are incomplete: keep
+        // them and read more after them.
+        let hs_buf = std::mem::take(&mut self.hs_buf);
+        self.recv(io, fd, hs_buf, kind::HS_RECV);
+    }
+
+    fn on_request(&mut self, io: &mut Io, req: proto::Request) {
+        self.dst = Some(req.dst.clone());
+        if req.cmd != Command::CONNECT {
+            return self.fail(io, RelayError::CommandNotSupported(req.cmd.0));
+        }
+        let to = io.cfg.connect_timeout;
+        self.arm_timer(io, to);
+        match req.dst {
+            Addr::Ip(a) => {
+                self.addrs = vec![a];
+                self.connect_next(io);
+            }
+            Addr::Domain(name, port) => {
+                self.phase = Phase::Resolving;
+                let t = self.tok(kind::DNS, 0);
+                if let Some(res) = io.dns.lookup(&name, port, t, io.now) {
+                    self.on_resolved(io, res);
+                }
+            }
+        }
+    }
+
+    pub fn on_resolved(
+        &mut self,
+        io: &mut Io,
+        res: Result<crate::dns::Addrs, ResolveError>,
+    ) {
+        if self.closing || self.phase != Phase::Resolving {
+            return;
+        }
+        match res {
+            Ok(addrs) if !addrs.is_empty() => {
+                self.addrs = addrs.to_vec();
+                self.connect_next(io);
+            }
+            _ => self.fail(io, RelayError::ResolveFailed),
+        }
+    }
+
+    fn connect_next(&mut self, io: &mut Io) {
+        self.phase = Phase::Connecting;
+        while self.next_addr < self.addrs.len() {
+            let addr = self.addrs[self.next_addr];
+            self.next_addr += 1;
+            let sock = match Socket::new(
+                Domain::for_address(addr),
+                Type::STREAM.nonblocking(),
+                None,
+            ) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.last_err = Some(RelayError::Connect(e.raw_os_error().unwrap_or(0)));
+                    continue;
+                }
+            };
+            let _ = sock.set_tcp_nodelay(true);
+            let fd = sock.as_raw_fd();
+            self.target = Some(sock);
+            self.inflight += 1;
+            io.ring
+                .connect(fd, Box::new(SockAddr::from(addr)), self.tok(kind::CONNECT, 0));
+            return;
+        }
+        let err = self.last_err.take().unwrap_or(RelayError::ResolveFailed);
+        self.fail(io, err);
+    }
+
+    fn on_connect(&mut self, io: &mut Io, c: Completion) {
+        if c.res < 0 {
+            self.target = None;
+            if self.timed_out || c.res == -libc::ECANCELED {
+                return self.fail(io, RelayError::ConnectTimeout);
+            }
+            self.last_err = Some(RelayError::Connect(-c.res));
+            return self.connect_next(io);
+        }
+        self.disarm_timer();
+        let bnd = self
+            .target
+            .as_ref()
+            .and_then(|t| t.local_addr().ok())
+            .and_then(|a| a.as_socket());
+        let Some(bnd) = bnd else {
+            return self.fail(io, RelayError::General("outbound socket has no address"));
+        };
+        let mut out = std::mem::take(&mut self.reply_prefix);
+        proto::codec::encode_reply(Rep::SUCCEEDED, &Addr::Ip(bnd), &mut out);
+        self.phase = Phase::Replying;
+        self.pending_sends = 1;
+        let cfd = self.client_fd();
+        self.send(io, cfd, out, 0, kind::REPLY_SEND);
+        if !self.early.is_empty() {
+            self.pending_sends += 1;
+            let early = std::mem::take(&mut self.early);
+            let tfd = self.target_fd();
+            self.send(io, tfd, early, 0, kind::EARLY_SEND);
+        }
+    }
+
+    fn on_reply_send(&mut self, io: &mut Io, k: u8, c: Completion) {
+        let OpMem::Buf { buf, off } = c.mem else {
+            return self.close(io);
+        };
+        if c.res <= 0 {
+            return self.close(io);
+        }
+        let off = off + c.res as usize;
+        if off < buf.len() {
+            let fd = if k == kind::REPLY_SEND {
+                self.client_fd()
+            } else {
+                self.target_fd()
+            };
+            return self.send(io, fd, buf, off, k);
+        }
+        self.pending_sends -= 1;
+        if self.pending_sends == 0 {
+            self.start_forwarding(io);
+        }
+    }
+
+    /// Sends an error reply for `err` (after any pending handshake output), then closes.
+    fn fail(&mut self, io: &mut Io, err: RelayError) {
+        info!(
+            client = %self.peer_str(),
+            target = %self.dst_str(),
+            reason = %err,
+            rep = err.rep().0,
+            "connect failed"
+        );
+        let mut out = std::mem::take(&mut self.reply_prefix);
+        proto::server::error_reply(&err, &mut out);
+        self.reject(io, out);
+    }
+
+    fn reject(&mut self, io: &mut Io, out: Vec<u8>) {
+        self.phase = Phase::Rejecting;
+        self.target = None;
+        if out.is_empty() {
+            return self.close(io);
+        }
+        self.arm_timer(io, REJECT_LINGER);
+        let fd = self.client_fd();
+        self.send(io, fd, out, 0, kind::REJECT_SEND);
+    }
+
+    fn on_reject_send(&mut self, io: &mut Io, c: Completion) {
+        if let OpMem::Buf { buf, off } = c.mem {
+            let off = off + c.res.max(0) as usize;
+            if c.res > 0 && off < buf.len() {
+                let fd = self.client_fd();
+                return self.send(io, fd, buf, off, kind::REJECT_SEND);
+            }
+        }
+        let _ = self.client.shutdown(Shutdown::Write);
+        self.close(io);
+    }
+
+    // ---- forwarding -----------------------------------------------------------------------
+
+    fn start_forwarding(&mut self, io: &mut Io) {
+        self.phase = Phase::Forwarding;
+        if let Some(idle) = io.cfg.idle_timeout {
+            self.arm_timer(io, idle);
+        }
+        for d in [C2T, T2C] {
+            match io.cfg.forward {
+                ForwardMode::Splice => self.wait_readable(io, d),
+                ForwardMode::Copy => self.rearm_recv(io, d),
+            }
+        }
+    }
+
+    /// Direction `d` saw EOF and everything before it was delivered: pass the EOF on.
+    fn finish_dir(&mut self, io: &mut Io, d: usize) {
+        let dir = &mut self.dirs[d];
+        dir.done = true;
+        if let Some(p) = dir.pipe.take() {
+            io.pipes.give(p);
+        }
+        let dst = if d == C2T {
+            self.target.as_ref()
+        } else {
+            Some(&self.client)
+        };
+        if let Some(s) = dst {
+            let _ = s.shutdown(Shutdown::Write);
+        }
+        if self.dirs[C2T].done && self.dirs[T2C].done {
+            self.close(io);
+        }
+    }
+
+    fn io_error(&mut self, io: &mut Io, res: i32) {
+        debug!(
+            client = %self.peer_str(),
+            target = %self.dst_str(),
+            error = %std::io::Error::from_raw_os_error(-res),
+            "connection ended"
+        );
+        self.close(io);
+    }
+
+    // splice path
+
+    fn wait_readable(&mut self, io: &mut Io, d: usize) {
+        let (src, _) = self.dir_fds(d);
+        self.poll(io, src, libc::POLLIN | libc::POLLRDHUP, kind::POLL_IN, d);
+    }
+
+    fn splice_in(&mut self, io: &mut Io, d: usize) {
+        let (src, _) = self.dir_fds(d);
+        let w = self.dirs[d].pipe.as_ref().expect("pipe lent").write_fd();
+        let len = io.pipes.pipe_size() as u32;
+        self.inflight += 1;
+        io.ring.splice(src, w, len, self.tok(kind::SPLICE_IN, d as u8));
+    }
+
+    fn splice_out(&mut self, io: &mut Io, d: usize) {
+        let (_, dst) = self.dir_fds(d);
+        let dir = &self.dirs[d];
+        let r = dir.pipe.as_ref().expect("pipe lent").read_fd();
+        let len = dir.in_pipe;
+        self.inflight += 1;
+        io.ring.splice(r, dst, len, self.tok(kind::SPLICE_OUT, d as u8));
+    }
+
+    fn on_poll_in(&mut self, io: &mut Io, d: usize, res: i32) {
+        if res < 0 {
+            return self.io_error(io, res);
+        }
+        if self.dirs[d].pipe.is_none() {
+            match io.pipes.take() {
+                Ok(p) => self.dirs[d].pipe = Some(p),
+                Err(e) => {
+                    info!(client = %self.peer_str(), error = %e, "no pipe for splice");
+                    return self.close(io);
+                }
+            }
+        }
+        self.splice_in(io, d);
+    }
+
+    fn on_splice_in(&mut self, io: &mut Io, d: usize, res: i32) {
+        let dir = &mut self.dirs[d];
+        if res > 0 {
+            dir.in_pipe += res as u32;
+            dir.last_in = res as u32;
+            return self.splice_out(io, d);
+        }
+        if res == 0 {
+            dir.eof = true;
+            return self.finish_dir(io, d);
+        }
+        if res == -libc::EAGAIN {
+            // Nothing to read after all: hold no pipe while waiting.
+            if let Some(p) = dir.pipe.take() {
+                io.pipes.give(p);
+            }
+            return self.wait_readable(io, d);
+        }
+        self.io_error(io, res)
+    }
+
+    fn on_splice_out(&mut self, io: &mut Io, d: usize, res: i32) {
+        if res == -libc::EAGAIN {
+            let (_, dst) = self.dir_fds(d);
+            return self.poll(io, dst, libc::POLLOUT, kind::POLL_OUT, d);
+        }
+        if res <= 0 {
+            return self.io_error(io, if res == 0 { -libc::EPIPE } else { res });
+        }
+        let pipe_size = io.pipes.pipe_size() as u32;
+        let dir = &mut self.dirs[d];
+        dir.in_pipe -= res as u32;
+        if dir.in_pipe > 0 {
+            return self.splice_out(io, d);
+        }
+        if dir.last_in >= pipe_size {
+            // The last read filled the pipe: more is probably waiting, read again at once.
+            return self.splice_in(io, d);
+        }
+        if let Some(p) = dir.pipe.take() {
+            io.pipes.give(p);
+        }
+        self.wait_readable(io, d)
+    }
+
+    fn on_poll_out(&mut self, io: &mut Io, d: usize, res: i32) {
+        if res < 0 {
+            return self.io_error(io, res);
+        }
+        self.splice_out(io, d)
+    }
+
+    // copy path
+
+    /// (Re-)arms the multishot receive of direction `d` if it should be running.
+    pub fn rearm_recv(&mut self, io: &mut Io, d: usize) {
+        if self.closing || self.phase != Phase::Forwarding {
+            return;
+        }
+        let Some(bgid) = io.bufs.as_ref().map(|b| b.bgid()) else {
+            return;
+        };
+        let (src, _) = self.dir_fds(d);
+        let dir = &mut self.dirs[d];
+        if dir.eof || dir.recv_op.is_some() {
+            return;
+        }
+        dir.paused = false;
+        self.inflight += 1;
+        let op = io.ring.recv_multi(src, bgid, self.tok(kind::RECV, d as u8));
+        self.dirs[d].recv_op = Some(op);
+    }
+
+    fn send_next(&mut self, io: &mut Io, d: usize) {
+        let (_, dst) = self.dir_fds(d);
+        let Some((bid, len)) = self.dirs[d].queue.pop_front() else {
+            self.dirs[d].sending = false;
+            return;
+        };
+        self.dirs[d].sending = true;
+        self.inflight += 1;
+        let bufs = io.bufs.as_ref().expect("copy path has a buffer ring");
+        io.ring
+            .send_pbuf(dst, bufs, bid, 0, len, self.tok(kind::SEND, d as u8));
+    }
+
+    fn on_recv(&mut self, io: &mut Io, d: usize, c: Completion) {
+        if !c.more {
+            self.dirs[d].recv_op = None;
+        }
+        if c.res > 0 {
+            let Some(bid) = io_uring::cqueue::buffer_select(c.flags) else {
+                return self.close(io);
+            };
+            let dir = &mut self.dirs[d];
+            dir.queue.push_back((bid, c.res as u32));
+            if !dir.sending {
+                self.send_next(io, d);
+            }
+            let dir = &mut self.dirs[d];
+            if dir.queue.len() >= HIGH_WATER && !dir.paused {
+                if let Some(op) = dir.recv_op {
+                    dir.paused = true;
+                    io.ring.cancel_op(op);
+                }
+            }
+            if !c.more && !self.dirs[d].paused {
+                self.rearm_recv(io, d);
+            }
+            return;
+        }
+        match c.res {
+            0 => {
+                let dir = &mut self.dirs[d];
+                dir.eof = true;
+                if !dir.sending && dir.queue.is_empty() {
+                    self.finish_dir(io, d);
+                }
+            }
+            r if r == -libc::ENOBUFS => io.starved.push(self.token.with(kind::RECV, d as u8)),
+            r if r == -libc::ECANCELED => {
+                let dir = &self.dirs[d];
+                if dir.queue.len() <= LOW_WATER {
+                    self.rearm_recv(io, d);
+                }
+            }
+            r => self.io_error(io, r),
+        }
+    }
+
+    fn on_send(&mut self, io: &mut Io, d: usize, c: Completion) {
+        let OpMem::Pbuf { bid, off, end } = c.mem else {
+            return self.close(io);
+        };
+        if c.res <= 0 {
+            if let Some(bufs) = io.bufs.as_mut() {
+                bufs.recycle(bid);
+            }
+            return self.io_error(io, if c.res == 0 { -libc::EPIPE } else { c.res });
+        }
+        let off = off + c.res as u32;
+        let (_, dst) = self.dir_fds(d);
+        let bufs = io.bufs.as_mut().expect("copy path has a buffer ring");
+        if off < end {
+            self.inflight += 1;
+            io.ring
+                .send_pbuf(dst, bufs, bid, off, end, self.tok(kind::SEND, d as u8));
+            return;
+        }
+        bufs.recycle(bid);
+        self.send_next(io, d);
+        let dir = &self.dirs[d];
+        if dir.sending {
+            return;
+        }
+        if dir.eof {
+            return self.finish_dir(io, d);
+        }
+        if dir.paused && dir.recv_op.is_none() && dir.queue.len() <= LOW_WATER {
+            self.rearm_recv(io, d);
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! A provided buffer ring (IORING_REGISTER_PBUF_RING): the copy path's receive buffers.
+//!
+//! The kernel picks a buffer for each multishot receive completion and reports its id in the
+//! CQE flags (`flags >> 16`). A buffer belongs to the application from that completion until
+//! [`BufRing::recycle`] puts it back; the relay recycles only after the send that reads it has
+//! completed. Returned entries become visible to the kernel when [`BufRing::publish`] stores
+//! the new tail with Release ordering, once per event-loop turn.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::io;
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use io_uring::types::BufRingEntry;
+
+use super::ring::Ring;
+
+pub struct BufRing {
+    bgid: u16,
+    entries: u16,
+    buf_size: u32,
+    ring: *mut BufRingEntry,
+    ring_layout: Layout,
+    data: *mut u8,
+    data_layout: Layout,
+    /// Our copy of the tail; published to the kernel by `publish`.
+    tail: u16,
+    dirty: bool,
+}
+
+impl BufRing {
+    /// Allocates `entries` (a power of two) buffers of `buf_size` bytes and registers them as
+    /// group `bgid`. Pages are touched lazily, so unused buffers cost no resident memory.
+    pub fn new(ring: &Ring, bgid: u16, entries: u16, buf_size: u32) -> io::Result<BufRing> {
+        assert!(entries.is_power_of_two() && entries <= 32768);
+        let ring_layout = Layout::from_size_align(
+            entries as usize * std::mem::size_of::<BufRingEntry>(),
+            4096,
+        )
+        .map_err(io::Error::other)?;
+        let data_layout = Layout::from_size_align(entries as usize * buf_size as usize, 4096)
+            .map_err(io::Error::other)?;
+        // SAFETY: both layouts have a non-zero size; the blocks are freed in Drop with the same
+        // layouts, after the group is unregistered.
+        let (ring_ptr, data) = unsafe { (alloc_zeroed(ring_layout), alloc_zeroed(data_layout)) };
+        if ring_ptr.is_null() || data.is_null() {
+            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        }
+        let mut br = BufRing {
+            bgid,
+            entries,
+            buf_size,
+            ring: ring_ptr as *mut BufRingEntry,
+            ring_layout,
+            data,
+            data_layout,
+            tail: 0,
+            dirty: false,
+        };
+        // SAFETY: the ring memory is page aligned, sized for `entries`, zeroed (so the tail
+        // starts at 0) and outlives the registration (Drop unregisters before freeing).
+        unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(ring_ptr as u64, entries, bgid, 0)?
+        };
+        for bid in 0..entries {
+            br.recycle(bid);
+        }
+        br.publish();
+        Ok(br)
+    }
+
+    pub fn bgid(&self) -> u16 {
+        self.bgid
+    }
+
+    pub fn buf_size(&self) -> u32 {
+        self.buf_size
+    }
+
+    /// Pointer to byte `off` of buffer `bid`, for a send op that will own the buffer.
+    pub fn ptr(&self, bid: u16, off: u32) -> *const u8 {
+        assert!(bid < self.entries && off <= self.buf_size);
+        // SAFETY: in bounds of the data block by the assertion above.
+        unsafe {
+            self.data
+                .add(bid as usize * self.buf_size as usize + off as usize)
+        }
+    }
+
+    /// Gives buffer `bid` back to the kernel (visible after the next `publish`).
+    pub fn recycle(&mut self, bid: u16) {
+        assert!(bid < self.entries);
+        let mask = self.entries - 1;
+        // SAFETY: the index is masked into the ring; the entry at the tail is ours to write
+        // until the tail is published (the kernel reads entries only below the tail).
+        unsafe {
+            let e = &mut *self.ring.add((self.tail & mask) as usize);
+            e.set_addr(self.ptr(bid, 0) as u64);
+            e.set_len(self.buf_size);
+            e.set_bid(bid);
+        }
+        self.tail = self.tail.wrapping_add(1);
+        self.dirty = true;
+    }
+
+    /// Publishes recycled entries to the kernel. Returns true if any were published.
+    pub fn publish(&mut self) -> bool {
+        if !self.dirty {
+            return false;
+        }
+        self.dirty = false;
+        // SAFETY: the tail field lives in the first entry of the registered ring; the kernel
+        // reads it with acquire semantics, so the entries written above are visible first.
+        unsafe {
+            let tail = BufRingEntry::tail(self.ring) as *const AtomicU16;
+            (*tail).store(self.tail, Ordering::Release);
+        }
+        true
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // The ring itself is dropped after this (field order in Shard) or unregistration
+        // happens implicitly when the ring fd closes; only free memory the kernel no longer uses.
+        // SAFETY: allocated in `new` with these layouts. The shard drops its BufRing only after
+        // its ring has no op in flight and after the ring is closed (see Shard::drop order).
+        unsafe {
+            dealloc(self.ring as *mut u8, self.ring_layout);
+            dealloc(self.data, self.data_layout);
+        }
+    }
+}
+
+/// Returns the buffer view of a receive completion: `len` bytes of buffer `bid`.
+pub fn cqe_buffer_id(flags: u32) -> Option<u16> {
+    io_uring::cqueue::buffer_select(flags)
+}

@@ -1,0 +1,359 @@
+//! The io_uring ring and its op table: the one place where SQEs are built and pushed.
+//!
+//! Every submission moves the memory its SQE points at (a receive buffer, a send buffer, a
+//! sockaddr, a timespec, a provided-buffer id) into an op slot. The slot keeps it until the
+//! op's *final* completion (a CQE without `IORING_CQE_F_MORE`), then hands it back inside the
+//! [`Completion`]. Callers therefore never hold raw pointers into in-flight memory, and the
+//! submission methods are safe: cancelling an op or dropping a connection cannot free memory
+//! the kernel still writes to.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+/// Memory an in-flight op owns until its final completion.
+#[derive(Debug, Default)]
+pub enum OpMem {
+    #[default]
+    None,
+    /// A heap buffer: receives write into its spare capacity, sends read `buf[off..]`.
+    Buf { buf: Vec<u8>, off: usize },
+    /// A destination for `connect`.
+    Addr(Box<socket2::SockAddr>),
+    /// The expiry of a `Timeout` op.
+    Time(Box<types::Timespec>),
+    /// A provided buffer that a send reads from (`bid`, bytes `off..end`).
+    Pbuf { bid: u16, off: u32, end: u32 },
+}
+
+/// A finished (or, for multishot ops, a progressing) operation.
+#[derive(Debug)]
+pub struct Completion {
+    /// The owner token given at submission.
+    pub owner: u64,
+    pub res: i32,
+    pub flags: u32,
+    /// True when the op stays in flight (multishot) and more completions follow.
+    pub more: bool,
+    /// The op's memory, returned on the final completion only.
+    pub mem: OpMem,
+}
+
+/// Identifies an in-flight op, for targeted cancellation (the op table index and generation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpId(u64);
+
+struct OpSlot {
+    generation: u32,
+    owner: u64,
+    mem: OpMem,
+}
+
+/// Owner token for ops whose completion nobody needs (cancellations).
+pub const OWNER_IGNORE: u64 = u64::MAX;
+
+pub struct Ring {
+    ring: IoUring,
+    slots: Vec<OpSlot>,
+    free: Vec<u32>,
+    in_flight: usize,
+    /// Which setup flags the kernel took, for the start-up log line.
+    pub setup: &'static str,
+}
+
+impl Ring {
+    /// Builds the ring with the cheapest task-running mode the kernel accepts:
+    /// SINGLE_ISSUER + DEFER_TASKRUN (completions run only when this thread waits), then
+    /// COOP_TASKRUN, then the plain ring.
+    pub fn new(entries: u32) -> io::Result<Ring> {
+        let cq = entries * 8;
+        let attempts: [(&'static str, fn(&mut io_uring::Builder)); 3] = [
+            ("single_issuer+defer_taskrun", |b| {
+                b.setup_single_issuer().setup_defer_taskrun();
+            }),
+            ("coop_taskrun", |b| {
+                b.setup_coop_taskrun();
+            }),
+            ("plain", |_| {}),
+        ];
+        let mut last_err = None;
+        for (name, apply) in attempts {
+            let mut builder = IoUring::builder();
+            builder.setup_cqsize(cq).setup_submit_all();
+            apply(&mut builder);
+            match builder.build(entries) {
+                Ok(ring) => {
+                    return Ok(Ring {
+                        ring,
+                        slots: Vec::with_capacity(1024),
+                        free: Vec::with_capacity(1024),
+                        in_flight: 0,
+                        setup: name,
+                    })
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| io::Error::other("io_uring setup failed")))
+    }
+
+    pub fn submitter(&self) -> io_uring::Submitter<'_> {
+        self.ring.submitter()
+    }
+
+    /// Ops submitted and not yet finally completed.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn alloc(&mut self, owner: u64, mem: OpMem) -> u64 {
+        let idx = match self.free.pop() {
+            Some(i) => {
+                let s = &mut self.slots[i as usize];
+                s.owner = owner;
+                s.mem = mem;
+                i
+            }
+            None => {
+                self.slots.push(OpSlot {
+                    generation: 0,
+                    owner,
+                    mem,
+                });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let s = &self.slots[idx as usize];
+        self.in_flight += 1;
+        u64::from(idx) | (u64::from(s.generation) << 32)
+    }
+
+    /// Pushes one SQE, flushing the submission queue to the kernel when it is full.
+    ///
+    /// # Safety
+    /// Every pointer in `sqe` must stay valid until the op's final completion. Callers in this
+    /// file guarantee that by pointing only into memory moved into the op slot (heap memory,
+    /// which does not move when the slot table grows) or into fds the caller keeps open.
+    unsafe fn push(&mut self, sqe: squeue::Entry) {
+        loop {
+            // SAFETY: forwarded from this function's contract.
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                return;
+            }
+            // The SQ is full: hand what is queued to the kernel and try again.
+            if let Err(e) = self.ring.submit() {
+                if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR)
+                {
+                    panic!("io_uring submit failed: {e}");
+                }
+            }
+        }
+    }
+
+    fn push_plain(&mut self, sqe: squeue::Entry, owner: u64) -> OpId {
+        let ud = self.alloc(owner, OpMem::None);
+        // SAFETY: the SQE points at no memory, only at fds that the owner keeps open until
+        // this op's final completion (connections close their fds only with no op in flight).
+        unsafe { self.push(sqe.user_data(ud)) };
+        OpId(ud)
+    }
+
+    /// One-shot readiness poll (`POLLIN`/`POLLOUT`/...).
+    pub fn poll(&mut self, fd: RawFd, events: u32, owner: u64) -> OpId {
+        self.push_plain(opcode::PollAdd::new(types::Fd(fd), events).build(), owner)
+    }
+
+    /// `splice(fd_in -> fd_out)` of up to `len` bytes, never blocking an io-wq worker.
+    pub fn splice(&mut self, fd_in: RawFd, fd_out: RawFd, len: u32, owner: u64) -> OpId {
+        let sqe = opcode::Splice::new(types::Fd(fd_in), -1, types::Fd(fd_out), -1, len)
+            .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
+            .build();
+        self.push_plain(sqe, owner)
+    }
+
+    /// Multishot accept; accepted sockets come back non-blocking and close-on-exec.
+    pub fn accept_multi(&mut self, fd: RawFd, owner: u64) -> OpId {
+        let sqe = opcode::AcceptMulti::new(types::Fd(fd))
+            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            .build();
+        self.push_plain(sqe, owner)
+    }
+
+    /// Multishot receive into the provided buffer ring `bgid`.
+    pub fn recv_multi(&mut self, fd: RawFd, bgid: u16, owner: u64) -> OpId {
+        self.push_plain(opcode::RecvMulti::new(types::Fd(fd), bgid).build(), owner)
+    }
+
+    /// Cancels every op on `fd` (the connection is closing). The cancelled ops still complete,
+    /// with `-ECANCELED`, and only then give their memory back.
+    pub fn cancel_fd(&mut self, fd: RawFd) {
+        let sqe =
+            opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all()).build();
+        self.push_plain(sqe, OWNER_IGNORE);
+    }
+
+    /// Cancels one op (a multishot receive that must pause for back-pressure).
+    pub fn cancel_op(&mut self, op: OpId) {
+        self.push_plain(opcode::AsyncCancel::new(op.0).build(), OWNER_IGNORE);
+    }
+
+    /// Receives into `buf[buf.len()..capacity]`. The buffer is zero-filled to its capacity first
+    /// so that it is always initialised; on completion the caller truncates it to `off + res`.
+    pub fn recv(&mut self, fd: RawFd, mut buf: Vec<u8>, owner: u64) -> OpId {
+        if buf.capacity() == buf.len() {
+            buf.reserve(512);
+        }
+        let off = buf.len();
+        buf.resize(buf.capacity(), 0);
+        let ptr = buf[off..].as_mut_ptr();
+        let len = (buf.len() - off) as u32;
+        let ud = self.alloc(owner, OpMem::Buf { buf, off });
+        let sqe = opcode::Recv::new(types::Fd(fd), ptr, len).build();
+        // SAFETY: the kernel writes into the Vec's heap block, which moved (without moving the
+        // block) into this op's slot and stays there until the final completion returns it.
+        unsafe { self.push(sqe.user_data(ud)) };
+        OpId(ud)
+    }
+
+    /// Reads from a pipe into `buf[buf.len()..capacity]` (zero-filled first, as in `recv`).
+    pub fn read(&mut self, fd: RawFd, mut buf: Vec<u8>, owner: u64) -> OpId {
+        if buf.capacity() == buf.len() {
+            buf.reserve(64);
+        }
+        let off = buf.len();
+        buf.resize(buf.capacity(), 0);
+        let ptr = buf[off..].as_mut_ptr();
+        let len = (buf.len() - off) as u32;
+        let ud = self.alloc(owner, OpMem::Buf { buf, off });
+        let sqe = opcode::Read::new(types::Fd(fd), ptr, len).offset(u64::MAX).build();
+        // SAFETY: as in `recv`: the heap block belongs to this op's slot until its completion.
+        unsafe { self.push(sqe.user_data(ud)) };
+        OpId(ud)
+    }
+
+    /// Cancels every op in flight and waits (bounded) until the kernel has completed them all,
+    /// so that no op memory is freed while the kernel may still use it.
+    pub fn cancel_all_and_wait(&mut self) {
+        let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::any().all()).build();
+        self.push_plain(sqe, OWNER_IGNORE);
+        let mut sink = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while self.in_flight > 0 && std::time::Instant::now() < deadline {
+            let _ = self.ring.submit_and_wait(1);
+            self.reap(&mut sink);
+            sink.clear();
+        }
+    }
+
+    /// Sends `buf[off..]`. A short send returns the buffer with the count in `res`; the caller
+    /// resubmits the rest.
+    pub fn send(&mut self, fd: RawFd, buf: Vec<u8>, off: usize, owner: u64) -> OpId {
+        debug_assert!(off < buf.len());
+        let ptr = buf[off..].as_ptr();
+        let len = (buf.len() - off) as u32;
+        let ud = self.alloc(owner, OpMem::Buf { buf, off });
+        let sqe = opcode::Send::new(types::Fd(fd), ptr, len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build();
+        // SAFETY: the kernel reads the Vec's initialised bytes, a heap block owned by this op's
+        // slot until the final completion.
+        unsafe { self.push(sqe.user_data(ud)) };
+        OpId(ud)
+    }
+
+    /// Sends bytes `off..end` of provided buffer `bid` of `bufs`. The op owns the buffer id
+    /// until its final completion, so the buffer cannot be recycled while the kernel reads it.
+    pub fn send_pbuf(
+        &mut self,
+        fd: RawFd,
+        bufs: &super::bufring::BufRing,
+        bid: u16,
+        off: u32,
+        end: u32,
+        owner: u64,
+    ) -> OpId {
+        let ptr = bufs.ptr(bid, off);
+        let ud = self.alloc(owner, OpMem::Pbuf { bid, off, end });
+        let sqe = opcode::Send::new(types::Fd(fd), ptr, end - off)
+            .flags(libc::MSG_NOSIGNAL)
+            .build();
+        // SAFETY: `ptr` points into the buffer ring's data area, which lives as long as the
+        // shard; buffer `bid` is owned by this op (recorded in its slot) and only returned to
+        // the kernel's ring after this op's final completion.
+        unsafe { self.push(sqe.user_data(ud)) };
+        OpId(ud)
+    }
+
+    pub fn connect(&mut self, fd: RawFd, addr: Box<socket2::SockAddr>, owner: u64) -> OpId {
+        let (ptr, len) = (addr.as_ptr() as *const libc::sockaddr, addr.len());
+        let ud = self.alloc(owner, OpMem::Addr(addr));
+        let sqe = opcode::Connect::new(types::Fd(fd), ptr, len).build();
+        // SAFETY: the sockaddr is a heap block owned by this op's slot until its completion.
+        unsafe { self.push(sqe.user_data(ud)) };
+        OpId(ud)
+    }
+
+    /// A relative timeout that completes with `-ETIME` when it expires.
+    pub fn timeout(&mut self, after: std::time::Duration, owner: u64) -> OpId {
+        let ts = Box::new(
+            types::Timespec::new()
+                .sec(after.as_secs())
+                .nsec(after.subsec_nanos()),
+        );
+        let ptr: *const types::Timespec = &*ts;
+        let ud = self.alloc(owner, OpMem::Time(ts));
+        let sqe = opcode::Timeout::new(ptr).build();
+        // SAFETY: the timespec is a heap block owned by this op's slot until its completion.
+        unsafe { self.push(sqe.user_data(ud)) };
+        OpId(ud)
+    }
+
+    /// Submits everything queued and waits for at least `want` completions.
+    pub fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
+        match self.ring.submit_and_wait(want) {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::ETIME)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Moves every available completion into `out`, releasing finished op slots.
+    pub fn reap(&mut self, out: &mut Vec<Completion>) {
+        let mut cq = self.ring.completion();
+        cq.sync();
+        for cqe in &mut cq {
+            let ud = cqe.user_data();
+            let idx = (ud & 0xffff_ffff) as usize;
+            let more = cqueue::more(cqe.flags());
+            let slot = &mut self.slots[idx];
+            debug_assert_eq!(slot.generation, (ud >> 32) as u32);
+            let owner = slot.owner;
+            let mem = if more {
+                OpMem::None
+            } else {
+                let mem = std::mem::take(&mut slot.mem);
+                slot.generation = slot.generation.wrapping_add(1);
+                self.free.push(idx as u32);
+                self.in_flight -= 1;
+                mem
+            };
+            if owner != OWNER_IGNORE {
+                out.push(Completion {
+                    owner,
+                    res: cqe.result(),
+                    flags: cqe.flags(),
+                    more,
+                    mem,
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! A hashed timing wheel: every per-connection deadline of a shard, served by one ring timeout.
+//!
+//! Entries are never removed early. Each carries the owner token it was armed with, and the
+//! owner checks on expiry whether the deadline is still current (lazy cancellation). That
+//! keeps arming O(1) and keeps the hot path free of timer bookkeeping.
+
+use std::time::{Duration, Instant};
+
+/// The wheel's resolution.
+pub const TICK: Duration = Duration::from_millis(10);
+const SLOTS: usize = 1024;
+
+pub struct Wheel {
+    start: Instant,
+    /// The next tick not yet processed.
+    cursor: u64,
+    slots: Vec<Vec<(u64, u64)>>,
+    len: usize,
+}
+
+impl Wheel {
+    pub fn new(now: Instant) -> Wheel {
+        Wheel {
+            start: now,
+            cursor: 0,
+            slots: (0..SLOTS).map(|_| Vec::new()).collect(),
+            len: 0,
+        }
+    }
+
+    fn tick_of(&self, t: Instant) -> u64 {
+        (t.saturating_duration_since(self.start).as_nanos() / TICK.as_nanos()) as u64
+    }
+
+    /// Arms `token` to fire at `deadline` (rounded up to the next tick).
+    pub fn insert(&mut self, deadline: Instant, token: u64) {
+        let tick = (self.tick_of(deadline) + 1).max(self.cursor);
+        self.slots[(tick % SLOTS as u64) as usize].push((tick, token));
+        self.len += 1;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Moves every token due at `now` into `out`.
+    pub fn expire(&mut self, now: Instant, out: &mut Vec<u64>) {
+        let now_tick = self.tick_of(now);
+        // Catch up at most one revolution: later slots are visited on the next turns.
+        let end = now_tick.min(self.cursor + SLOTS as u64);
+        while self.cursor <= end {
+            let slot = &mut self.slots[(self.cursor % SLOTS as u64) as usize];
+            let cursor = self.cursor;
+            let before = slot.len();
+            slot.retain(|&(tick, token)| {
+                if tick <= cursor {
+                    out.push(token);
+                    false
+                } else {
+                    true
+                }
+            });
+            self.len -= before - slot.len();
+            self.cursor += 1;
+        }
+    }
+
+    /// How long the ring may sleep before the wheel needs to turn again.
+    pub fn next_wait(&self, now: Instant) -> Option<Duration> {
+        if self.len == 0 {
+            return None;
+        }
+        let due = self.start + TICK * (self.cursor as u32);
+        Some(due.saturating_duration_since(now).max(Duration::from_millis(1)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fires_after_deadline_not_before() {
+        let t0 = Instant::now();
+        let mut w = Wheel::new(t0);
+        w.insert(t0 + Duration::from_millis(50), 7);
+        w.insert(t0 + Duration::from_secs(30), 8);
+        let mut out = Vec::new();
+        w.expire(t0 + Duration::from_millis(40), &mut out);
+        assert!(out.is_empty());
+        w.expire(t0 + Duration::from_millis(70), &mut out);
+        assert_eq!(out, vec![7]);
+        out.clear();
+        // More than one revolution later: the far entry fires only when its tick arrives.
+        w.expire(t0 + Duration::from_secs(29), &mut out);
+        w.expire(t0 + Duration::from_secs(29), &mut out);
+        w.expire(t0 + Duration::from_secs(29), &mut out);
+        w.expire(t0 + Duration::from_secs(29), &mut out);
+        assert!(out.is_empty());
+        for _ in 0..4 {
+            w.expire(t0 + Duration::from_secs(31), &mut out);
+        }
+        assert_eq!(out, vec![8]);
+        assert!(w.is_empty());
+    }
+}
