@@ -1,0 +1,853 @@
+//! The command line, turned into a validated [`Config`], and logging setup.
+//!
+//! Everything an operator can get wrong is caught here, before any socket or
+//! ring exists, with an error that names the flag (and file line) at fault:
+//! the rest of the relay can then trust every field. clap handles syntax
+//! (unknown flags, `--help`, `--version`, malformed values) and keeps its usual
+//! output and exit codes; the checks clap cannot express (credentials, file
+//! permissions, cross-field rules) produce [`ConfigError::Invalid`].
+//!
+//! The flag help doubles as the README's flags table, so it is written for
+//! operators coming from Dante or 3proxy.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::proto::Users;
+
+/// How relayed bytes move between the client and target sockets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ForwardMode {
+    /// splice(2) through a kernel pipe: payload never enters user space.
+    Splice,
+    /// recv/send through user-space buffers (a provided-buffer ring).
+    Copy,
+}
+
+impl fmt::Display for ForwardMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Must match the clap value names: clap shows this as the default.
+        f.write_str(match self {
+            ForwardMode::Splice => "splice",
+            ForwardMode::Copy => "copy",
+        })
+    }
+}
+
+/// The forwarding mode used unless `--forward` says otherwise. The one place
+/// to change it if measurements favour the other mode.
+pub const DEFAULT_FORWARD: ForwardMode = ForwardMode::Splice;
+
+/// Loopback only: an unauthenticated relay reachable from the network would
+/// be an open proxy, so exposing it must be a deliberate `--listen`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:1080";
+
+pub const DEFAULT_RESOLVER_THREADS: usize = 4;
+
+/// Far above any core count we run on; catches typos that would otherwise
+/// try to start a million rings.
+const MAX_SHARDS: usize = 1024;
+
+/// getaddrinfo threads are only blocked waiting on DNS; more than this is a
+/// typo, not a tuning choice.
+const MAX_RESOLVER_THREADS: usize = 256;
+
+/// Longest accepted duration. Timeouts are added to `Instant`s, which panics
+/// on overflow; a year is beyond any sensible timeout and far from overflow.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Addresses to accept clients on; never empty, no duplicates.
+    pub listen: Vec<SocketAddr>,
+    /// Number of shards (event-loop threads); at least 1.
+    pub shards: usize,
+    pub forward: ForwardMode,
+    /// `None`: no authentication. `Some` is never empty.
+    pub users: Option<Arc<Users>>,
+    /// Non-zero.
+    pub connect_timeout: Duration,
+    /// Non-zero.
+    pub handshake_timeout: Duration,
+    /// `None`: connections may idle forever.
+    pub idle_timeout: Option<Duration>,
+    /// May be zero: close everything at once on shutdown.
+    pub drain_timeout: Duration,
+    pub log_level: tracing::Level,
+    /// At least 1.
+    pub resolver_threads: usize,
+}
+
+/// Why the command line was rejected.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// A usage error, or `--help` / `--version`: print it the way clap does
+    /// and exit with clap's code ([`clap::Error::exit`]).
+    Clap(clap::Error),
+    /// A value clap accepted but validation did not; the message starts with
+    /// the flag it concerns. Print as "ringsocks: <message>" and exit 2.
+    Invalid(String),
+}
+
+impl ConfigError {
+    /// Reports the error the conventional way and exits: clap errors (and
+    /// help/version output) via clap, with its exit code; the rest as
+    /// "ringsocks: <error>" on stderr with exit code 2, like clap's usage errors.
+    pub fn exit(self) -> ! {
+        match self {
+            ConfigError::Clap(e) => e.exit(),
+            ConfigError::Invalid(msg) => {
+                eprintln!("ringsocks: {msg}");
+                std::process::exit(2)
+            }
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Clap(e) => write!(f, "{}", e.to_string().trim_end()),
+            ConfigError::Invalid(msg) => f.write_str(msg),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConfigError::Clap(e) => Some(e),
+            ConfigError::Invalid(_) => None,
+        }
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+/// `--log-level` values; clap needs a `ValueEnum`, which `tracing::Level` is not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        })
+    }
+}
+
+impl From<LogLevel> for tracing::Level {
+    fn from(l: LogLevel) -> Self {
+        match l {
+            LogLevel::Error => tracing::Level::ERROR,
+            LogLevel::Warn => tracing::Level::WARN,
+            LogLevel::Info => tracing::Level::INFO,
+            LogLevel::Debug => tracing::Level::DEBUG,
+            LogLevel::Trace => tracing::Level::TRACE,
+        }
+    }
+}
+
+const ABOUT: &str = "High-performance SOCKS5 relay on thread-per-core io_uring shards";
+
+const LONG_ABOUT: &str = "\
+High-performance SOCKS5 relay (RFC 1928) on thread-per-core io_uring shards.
+
+Each shard is one thread with its own io_uring; a connection is served
+start to finish by the shard that accepted it.
+
+Without --user or --users, clients are not authenticated: anyone who can
+reach a --listen address can use the relay. With them, clients must log
+in with RFC 1929 username/password.
+
+Durations are written 500ms, 10s, 2m or 1h; a bare number means seconds
+(3, 0.5).";
+
+// Help paragraphs are wrapped by hand (`verbatim_doc_comment`): clap only
+// wraps with its `wrap_help` feature, which we do not enable.
+#[derive(Parser, Debug)]
+#[command(name = "ringsocks", version, about = ABOUT, long_about = LONG_ABOUT)]
+struct Args {
+    /// Address to accept SOCKS5 clients on; repeat for several
+    ///
+    /// IPv4, or IPv6 in brackets, with a port: 0.0.0.0:1080, [::]:1080,
+    /// [::1]:1080. Like Dante's "internal:" or 3proxy's "socks -i -p".
+    /// Anything but loopback without --user/--users is an open proxy.
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_LISTEN, verbatim_doc_comment)]
+    listen: Vec<SocketAddr>,
+
+    /// Number of shards (event-loop threads) [default: number of online CPUs]
+    #[arg(long, value_name = "N")]
+    shards: Option<usize>,
+
+    /// How payload is moved between client and target
+    #[arg(long, value_name = "MODE", default_value_t = DEFAULT_FORWARD)]
+    forward: ForwardMode,
+
+    /// Allow user NAME with password PASS (RFC 1929); repeat for several
+    ///
+    /// Split at the first ':', so passwords may contain ':'. Names and
+    /// passwords are 1 to 255 bytes. The command line is visible to other
+    /// local users (ps, /proc), so prefer --users outside of testing.
+    /// Combines with --users; a name may only be defined once.
+    #[arg(long = "user", value_name = "NAME:PASS", verbatim_doc_comment)]
+    user: Vec<String>,
+
+    /// Read users from FILE: one NAME:PASS per line
+    ///
+    /// Blank lines and lines starting with '#' are skipped; other lines
+    /// are taken verbatim (no trimming). The file must not be accessible
+    /// by group or others (chmod 600), and a name may only be defined
+    /// once. Plays the role of 3proxy's "users" list or Dante's
+    /// "socksmethod: username", but with its own password file.
+    #[arg(long = "users", value_name = "FILE", verbatim_doc_comment)]
+    users: Option<PathBuf>,
+
+    /// Give up connecting to a target after DURATION
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_positive_duration)]
+    connect_timeout: Duration,
+
+    /// Drop clients that have not finished the SOCKS5 handshake within DURATION
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_positive_duration)]
+    handshake_timeout: Duration,
+
+    /// Close relayed connections idle in both directions for DURATION
+    ///
+    /// "off" or 0 disables the timeout.
+    #[arg(long, value_name = "DURATION", default_value = "off", value_parser = parse_idle_timeout, verbatim_doc_comment)]
+    idle_timeout: Duration,
+
+    /// On shutdown, let open connections finish for up to DURATION
+    ///
+    /// Connections still open after DURATION are closed; 0 closes them
+    /// immediately.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration, verbatim_doc_comment)]
+    drain_timeout: Duration,
+
+    /// Log verbosity (to stderr); RUST_LOG, when set, overrides it
+    #[arg(long, value_name = "LEVEL", default_value_t = LogLevel::Info, ignore_case = true)]
+    log_level: LogLevel,
+
+    /// Threads running getaddrinfo for target names, shared by all shards
+    ///
+    /// A lookup occupies a thread for as long as DNS takes, so this bounds
+    /// how many slow lookups can be in flight at once.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_RESOLVER_THREADS, verbatim_doc_comment)]
+    resolver_threads: usize,
+}
+
+impl Config {
+    /// Parses `std::env::args`.
+    pub fn from_args() -> Result<Config, ConfigError> {
+        Self::try_parse_from(std::env::args_os())
+    }
+
+    /// Parses `args` (the first item is the program name).
+    pub fn try_parse_from<I, T>(args: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let args = Args::try_parse_from(args).map_err(ConfigError::Clap)?;
+        Self::validate(args)
+    }
+
+    fn validate(args: Args) -> Result<Config, ConfigError> {
+        let mut listen: Vec<SocketAddr> = Vec::with_capacity(args.listen.len());
+        for addr in args.listen {
+            // A duplicate either fails to bind much later, far from the
+            // flag that caused it, or (with SO_REUSEPORT) silently doubles
+            // the listeners.
+            if listen.contains(&addr) {
+                return Err(invalid(format!("--listen {addr}: given more than once")));
+            }
+            listen.push(addr);
+        }
+
+        let shards = match args.shards {
+            Some(0) => return Err(invalid("--shards: must be at least 1")),
+            Some(n) if n > MAX_SHARDS => {
+                return Err(invalid(format!("--shards: at most {MAX_SHARDS}, got {n}")))
+            }
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+
+        if args.resolver_threads == 0 {
+            return Err(invalid("--resolver-threads: must be at least 1"));
+        }
+        if args.resolver_threads > MAX_RESOLVER_THREADS {
+            return Err(invalid(format!(
+                "--resolver-threads: at most {MAX_RESOLVER_THREADS}, got {}",
+                args.resolver_threads
+            )));
+        }
+
+        let users = load_users(&args.user, args.users.as_deref())?.map(Arc::new);
+
+        Ok(Config {
+            listen,
+            shards,
+            forward: args.forward,
+            users,
+            connect_timeout: args.connect_timeout,
+            handshake_timeout: args.handshake_timeout,
+            idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
+            drain_timeout: args.drain_timeout,
+            log_level: args.log_level.into(),
+            resolver_threads: args.resolver_threads,
+        })
+    }
+}
+
+/// Where a user was defined, for duplicate errors.
+#[derive(Clone, Copy)]
+enum Origin {
+    Flag,
+    Line(usize),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Flag => f.write_str("by --user"),
+            Origin::Line(n) => write!(f, "on line {n}"),
+        }
+    }
+}
+
+/// Builds the user table from `--user` entries and the `--users` file.
+/// `None` when neither is given. A name defined twice is an error rather
+/// than "last wins": with two sources, a silent override is more likely a
+/// mistake than an intent.
+fn load_users(flags: &[String], file: Option<&Path>) -> Result<Option<Users>, ConfigError> {
+    if flags.is_empty() && file.is_none() {
+        return Ok(None);
+    }
+    let mut users = Users::new();
+    let mut seen: HashMap<Vec<u8>, Origin> = HashMap::new();
+
+    for entry in flags {
+        // Quote only the name part: the rest is (meant to be) a password.
+        let shown = entry.split_once(':').map_or(entry.as_str(), |(n, _)| n);
+        let (name, pass) =
+            Users::parse_entry(entry).map_err(|e| invalid(format!("--user {shown:?}: {e}")))?;
+        if let Some(first) = seen.insert(name.clone(), Origin::Flag) {
+            return Err(invalid(format!(
+                "--user {shown:?}: user defined more than once (first {first})"
+            )));
+        }
+        users.insert(&name, &pass);
+    }
+
+    if let Some(path) = file {
+        let text = read_private_file(path)?;
+        for (i, line) in text.lines().enumerate() {
+            let lineno = i + 1;
+            let trimmed = line.trim_start();
+            if trimmed.is_empty() || trimmed.starts_with('#') {
+                continue;
+            }
+            let at = || format!("--users {} line {lineno}", path.display());
+            let (name, pass) =
+                Users::parse_entry(line).map_err(|e| invalid(format!("{}: {e}", at())))?;
+            if let Some(first) = seen.insert(name.clone(), Origin::Line(lineno)) {
+                return Err(invalid(format!(
+                    "{}: user {:?} defined more than once (first {first})",
+                    at(),
+                    String::from_utf8_lossy(&name)
+                )));
+            }
+            users.insert(&name, &pass);
+        }
+    }
+
+    if users.is_empty() {
+        // Asking for authentication and getting an open proxy because the
+        // file was empty would be the worst possible failure mode.
+        let path = file.map_or_else(String::new, |p| p.display().to_string());
+        return Err(invalid(format!(
+            "--users {path}: no users defined; refusing to run without authentication"
+        )));
+    }
+    Ok(Some(users))
+}
+
+/// Reads a secrets file, refusing it if group or others have any access.
+/// The mode is checked on the opened file, so it is the file actually read.
+fn read_private_file(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    let err = |what: String| invalid(format!("--users {}: {what}", path.display()));
+    let mut file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        let how = if mode & 0o044 != 0 {
+            "readable"
+        } else if mode & 0o022 != 0 {
+            "writable"
+        } else {
+            "accessible"
+        };
+        return Err(err(format!(
+            "file is {how} by group or others (mode {mode:04o}); run chmod 600"
+        )));
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text)
+        .map_err(|e| err(e.to_string()))?;
+    Ok(text)
+}
+
+/// Parses `10s`, `500ms`, `2m`, `1h`, or a bare number of seconds (`3`,
+/// `0.5`). Exact (integer arithmetic, to the nanosecond); at most a year.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    const HINT: &str = "expected a number with an optional unit (ms, s, m, h), e.g. 10s, 500ms, 2m";
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let unit_ns: u128 = match unit {
+        "" | "s" => 1_000_000_000,
+        "ms" => 1_000_000,
+        "m" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
+        _ if num.is_empty() => return Err(HINT.to_string()),
+        _ => return Err(format!("unknown unit {unit:?}; {HINT}")),
+    };
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    if (int.is_empty() && frac.is_empty()) || frac.contains('.') {
+        return Err(HINT.to_string());
+    }
+    let too_large = || {
+        format!(
+            "too large; at most {} days",
+            MAX_DURATION.as_secs() / 86_400
+        )
+    };
+    // Digits beyond the 12th fraction digit are below a nanosecond for every
+    // unit up to hours; dropping them keeps 10^len within u128.
+    let frac = &frac[..frac.len().min(12)];
+    let int: u128 = if int.is_empty() {
+        0
+    } else {
+        int.parse().map_err(|_| too_large())?
+    };
+    let frac_ns = if frac.is_empty() {
+        0
+    } else {
+        let digits: u128 = frac.parse().map_err(|_| HINT.to_string())?;
+        digits * unit_ns / 10u128.pow(frac.len() as u32)
+    };
+    let total = int
+        .checked_mul(unit_ns)
+        .and_then(|n| n.checked_add(frac_ns))
+        .filter(|&n| n <= MAX_DURATION.as_nanos())
+        .ok_or_else(too_large)?;
+    // Fits: MAX_DURATION is far below u64::MAX nanoseconds (584 years).
+    Ok(Duration::from_nanos(total as u64))
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err("must be greater than 0".to_string());
+    }
+    Ok(d)
+}
+
+/// Zero stands for "off" (`Config` turns it into `None`).
+fn parse_idle_timeout(s: &str) -> Result<Duration, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s).map_err(|e| format!("{e}, or \"off\""))
+}
+
+/// Installs the global tracing subscriber: human-readable lines on stderr,
+/// at `level`, unless `RUST_LOG` is set, in which case its directives (e.g.
+/// `ringsocks::relay=trace,info`) win. Calling it twice is harmless.
+pub fn init_logging(level: tracing::Level) {
+    use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+
+    let default = || EnvFilter::default().add_directive(LevelFilter::from_level(level).into());
+    let mut bad_env = None;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+            bad_env = Some((spec, e));
+            default()
+        }),
+        _ => default(),
+    };
+    let installed = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        // Shard and resolver threads are named; the name says which core.
+        .with_thread_names(true)
+        .try_init()
+        .is_ok();
+    if let (true, Some((spec, e))) = (installed, bad_env) {
+        tracing::warn!("ignoring RUST_LOG={spec:?}: {e}; using --log-level {level}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        Config::try_parse_from(std::iter::once("ringsocks").chain(args.iter().copied()))
+    }
+
+    fn parse_err(args: &[&str]) -> String {
+        match parse(args) {
+            Ok(c) => panic!("{args:?} accepted: {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// A file in the temp dir with `mode`, removed on drop.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(contents: &str, mode: u32) -> TempFile {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "ringsocks-config-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::write(&path, contents).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            TempFile(path)
+        }
+
+        fn path(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:1080".parse().unwrap()]);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(c.shards, cpus);
+        assert_eq!(c.forward, DEFAULT_FORWARD);
+        assert!(c.users.is_none());
+        assert_eq!(c.connect_timeout, Duration::from_secs(10));
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.idle_timeout, None);
+        assert_eq!(c.drain_timeout, Duration::from_secs(10));
+        assert_eq!(c.log_level, tracing::Level::INFO);
+        assert_eq!(c.resolver_threads, 4);
+    }
+
+    #[test]
+    fn every_flag() {
+        let file = TempFile::new("carol:c4rol\n", 0o600);
+        let c = parse(&[
+            "--listen",
+            "0.0.0.0:1081",
+            "--listen",
+            "[::1]:1082",
+            "--shards",
+            "3",
+            "--forward",
+            "copy",
+            "--user",
+            "alice:secret:with:colons",
+            "--user=bob:pw",
+            "--users",
+            file.path(),
+            "--connect-timeout",
+            "500ms",
+            "--handshake-timeout",
+            "2m",
+            "--idle-timeout",
+            "0.5",
+            "--drain-timeout",
+            "0",
+            "--log-level",
+            "DEBUG",
+            "--resolver-threads",
+            "8",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.listen,
+            vec![
+                "0.0.0.0:1081".parse::<SocketAddr>().unwrap(),
+                "[::1]:1082".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.shards, 3);
+        assert_eq!(c.forward, ForwardMode::Copy);
+        let users = c.users.unwrap();
+        assert_eq!(users.len(), 3);
+        assert!(users.verify(b"alice", b"secret:with:colons"));
+        assert!(users.verify(b"bob", b"pw"));
+        assert!(users.verify(b"carol", b"c4rol"));
+        assert_eq!(c.connect_timeout, Duration::from_millis(500));
+        assert_eq!(c.handshake_timeout, Duration::from_secs(120));
+        assert_eq!(c.idle_timeout, Some(Duration::from_millis(500)));
+        assert_eq!(c.drain_timeout, Duration::ZERO);
+        assert_eq!(c.log_level, tracing::Level::DEBUG);
+        assert_eq!(c.resolver_threads, 8);
+    }
+
+    #[test]
+    fn forward_and_log_level_values() {
+        assert_eq!(
+            parse(&["--forward", "splice"]).unwrap().forward,
+            ForwardMode::Splice
+        );
+        assert!(matches!(
+            parse(&["--forward", "sendfile"]),
+            Err(ConfigError::Clap(_))
+        ));
+        for (s, l) in [
+            ("error", tracing::Level::ERROR),
+            ("warn", tracing::Level::WARN),
+            ("info", tracing::Level::INFO),
+            ("debug", tracing::Level::DEBUG),
+            ("trace", tracing::Level::TRACE),
+        ] {
+            assert_eq!(parse(&["--log-level", s]).unwrap().log_level, l);
+        }
+        assert!(parse_err(&["--log-level", "verbose"]).contains("--log-level"));
+    }
+
+    #[test]
+    fn listen_errors() {
+        assert!(parse_err(&["--listen", "localhost:1080"]).contains("--listen"));
+        assert!(parse_err(&["--listen", "::1:1080"]).contains("--listen"));
+        assert_eq!(
+            parse_err(&["--listen", "[::1]:1080", "--listen", "[::1]:1080"]),
+            "--listen [::1]:1080: given more than once"
+        );
+    }
+
+    #[test]
+    fn shards_and_resolver_threads_bounds() {
+        assert_eq!(
+            parse_err(&["--shards", "0"]),
+            "--shards: must be at least 1"
+        );
+        assert!(parse_err(&["--shards", "100000"]).starts_with("--shards: at most"));
+        assert!(parse_err(&["--shards=-1"]).contains("--shards"));
+        assert_eq!(
+            parse_err(&["--resolver-threads", "0"]),
+            "--resolver-threads: must be at least 1"
+        );
+        assert!(parse_err(&["--resolver-threads", "5000"]).starts_with("--resolver-threads"));
+    }
+
+    #[test]
+    fn duration_parser() {
+        let ok = |s: &str| parse_duration(s).unwrap();
+        assert_eq!(ok("10s"), Duration::from_secs(10));
+        assert_eq!(ok("500ms"), Duration::from_millis(500));
+        assert_eq!(ok("2m"), Duration::from_secs(120));
+        assert_eq!(ok("1h"), Duration::from_secs(3600));
+        assert_eq!(ok("3"), Duration::from_secs(3));
+        assert_eq!(ok("0.5"), Duration::from_millis(500));
+        assert_eq!(ok(".25s"), Duration::from_millis(250));
+        assert_eq!(ok("1.5m"), Duration::from_secs(90));
+        assert_eq!(ok("0.001"), Duration::from_millis(1));
+        assert_eq!(ok("1.0000000001"), Duration::from_nanos(1_000_000_000));
+        assert_eq!(ok("0"), Duration::ZERO);
+        for bad in [
+            "", "s", ".", "1..5", "1.2.3", "-1", "+1", " 1", "1 s", "10x", "10sec", "1e3", "inf",
+            "nan", "10S", "1,5",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(parse_duration("10x").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("9000h").unwrap_err().contains("too large"));
+        assert!(parse_duration("99999999999999999999999999999999999999999")
+            .unwrap_err()
+            .contains("too large"));
+    }
+
+    #[test]
+    fn bad_durations_on_the_command_line() {
+        for flag in [
+            "--connect-timeout",
+            "--handshake-timeout",
+            "--idle-timeout",
+            "--drain-timeout",
+        ] {
+            let e = parse(&[flag, "10x"]).unwrap_err();
+            assert!(matches!(e, ConfigError::Clap(_)));
+            let msg = e.to_string();
+            assert!(msg.contains(flag) && msg.contains("unknown unit"), "{msg}");
+        }
+        assert!(parse_err(&["--connect-timeout", "0"]).contains("must be greater than 0"));
+        assert!(parse_err(&["--handshake-timeout", "0ms"]).contains("must be greater than 0"));
+    }
+
+    #[test]
+    fn idle_timeout_off() {
+        for off in ["off", "OFF", "0", "0s"] {
+            assert_eq!(parse(&["--idle-timeout", off]).unwrap().idle_timeout, None);
+        }
+        assert_eq!(
+            parse(&["--idle-timeout", "5m"]).unwrap().idle_timeout,
+            Some(Duration::from_secs(300))
+        );
+    }
+
+    #[test]
+    fn user_flag() {
+        assert_eq!(
+            parse_err(&["--user", "bob"]),
+            "--user \"bob\": expected \"name:password\" but there is no ':'"
+        );
+        let e = parse_err(&["--user", "bob:"]);
+        assert!(e.starts_with("--user \"bob\": "), "{e}");
+        let e = parse_err(&["--user", ":hunter2"]);
+        assert!(
+            e.starts_with("--user \"\": ") && !e.contains("hunter2"),
+            "{e}"
+        );
+        let e = parse_err(&["--user", "bob:a", "--user", "bob:b"]);
+        assert!(e.contains("more than once"), "{e}");
+        let c = parse(&["--user", "bob:pw"]).unwrap();
+        assert!(c.users.unwrap().verify(b"bob", b"pw"));
+    }
+
+    #[test]
+    fn users_file_private_ok_with_comments() {
+        let f = TempFile::new(
+            "# ringsocks users\n\nalice:one\n   \n  # indented comment\nbob:two words \r\n",
+            0o600,
+        );
+        let users = parse(&["--users", f.path()]).unwrap().users.unwrap();
+        assert_eq!(users.len(), 2);
+        assert!(users.verify(b"alice", b"one"));
+        // Verbatim: the trailing space belongs to the password.
+        assert!(users.verify(b"bob", b"two words "));
+        let f = TempFile::new("alice:one\n", 0o400);
+        assert!(parse(&["--users", f.path()]).is_ok());
+    }
+
+    #[test]
+    fn users_file_group_readable_refused() {
+        let f = TempFile::new("alice:one\n", 0o644);
+        assert_eq!(
+            parse_err(&["--users", f.path()]),
+            format!(
+                "--users {}: file is readable by group or others (mode 0644); run chmod 600",
+                f.path()
+            )
+        );
+        let f = TempFile::new("alice:one\n", 0o602);
+        assert!(parse_err(&["--users", f.path()]).contains("writable by group or others"));
+    }
+
+    #[test]
+    fn users_file_missing() {
+        let e = parse_err(&["--users", "/nonexistent/ringsocks-users"]);
+        assert!(
+            e.starts_with("--users /nonexistent/ringsocks-users: ") && e.contains("No such file"),
+            "{e}"
+        );
+        assert!(parse_err(&["--users", "/"]).contains("not a regular file"));
+    }
+
+    #[test]
+    fn users_file_bad_line() {
+        let f = TempFile::new("# header\nalice:one\nbob\n", 0o600);
+        let e = parse_err(&["--users", f.path()]);
+        assert!(
+            e.starts_with(&format!("--users {} line 3: ", f.path())) && e.contains("':'"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn users_file_duplicates() {
+        let f = TempFile::new("alice:one\nbob:x\nalice:two\n", 0o600);
+        assert_eq!(
+            parse_err(&["--users", f.path()]),
+            format!(
+                "--users {} line 3: user \"alice\" defined more than once (first on line 1)",
+                f.path()
+            )
+        );
+        let f = TempFile::new("alice:one\n", 0o600);
+        let e = parse_err(&["--user", "alice:zero", "--users", f.path()]);
+        assert!(e.contains("line 1") && e.contains("first by --user"), "{e}");
+    }
+
+    #[test]
+    fn users_file_without_users_refused() {
+        let f = TempFile::new("# nobody yet\n\n", 0o600);
+        assert!(parse_err(&["--users", f.path()]).contains("no users defined"));
+    }
+
+    #[test]
+    fn clap_errors_pass_through() {
+        for (args, kind) in [
+            (&["--help"][..], clap::error::ErrorKind::DisplayHelp),
+            (&["--version"][..], clap::error::ErrorKind::DisplayVersion),
+            (&["--bogus"][..], clap::error::ErrorKind::UnknownArgument),
+        ] {
+            match parse(args) {
+                Err(ConfigError::Clap(e)) => assert_eq!(e.kind(), kind, "{args:?}"),
+                other => panic!("{args:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn init_logging_twice_is_harmless() {
+        init_logging(tracing::Level::WARN);
+        init_logging(tracing::Level::DEBUG);
+    }
+
+    #[test]
+    fn debug_does_not_leak_passwords() {
+        let c = parse(&["--user", "alice:hunter2"]).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}
