@@ -148,7 +148,9 @@ impl Conn {
     }
 
     fn dst_str(&self) -> String {
-        self.dst.as_ref().map_or_else(|| "?".into(), |d| d.to_string())
+        self.dst
+            .as_ref()
+            .map_or_else(|| "?".into(), |d| d.to_string())
     }
 
     // ---- ops and timers -------------------------------------------------------------------
@@ -327,7 +329,10 @@ impl Conn {
         buf.truncate(off + c.res as usize);
         let users = io.cfg.users.as_deref();
         let mut out = Vec::new();
-        let hs = self.hs.as_mut().expect("handshake state lives until the request");
+        let hs = self
+            .hs
+            .as_mut()
+            .expect("handshake state lives until the request");
         let (step, consumed) = hs.advance(&buf, users, &mut out);
         match step {
             Step::NeedMore => {
@@ -398,11 +403,7 @@ impl Conn {
         }
     }
 
-    pub fn on_resolved(
-        &mut self,
-        io: &mut Io,
-        res: Result<crate::dns::Addrs, ResolveError>,
-    ) {
+    pub fn on_resolved(&mut self, io: &mut Io, res: Result<crate::dns::Addrs, ResolveError>) {
         if self.closing || self.phase != Phase::Resolving {
             return;
         }
@@ -420,23 +421,23 @@ impl Conn {
         while self.next_addr < self.addrs.len() {
             let addr = self.addrs[self.next_addr];
             self.next_addr += 1;
-            let sock = match Socket::new(
-                Domain::for_address(addr),
-                Type::STREAM.nonblocking(),
-                None,
-            ) {
-                Ok(s) => s,
-                Err(e) => {
-                    self.last_err = Some(RelayError::Connect(e.raw_os_error().unwrap_or(0)));
-                    continue;
-                }
-            };
+            let sock =
+                match Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.last_err = Some(RelayError::Connect(e.raw_os_error().unwrap_or(0)));
+                        continue;
+                    }
+                };
             let _ = sock.set_tcp_nodelay(true);
             let fd = sock.as_raw_fd();
             self.target = Some(sock);
             self.inflight += 1;
-            io.ring
-                .connect(fd, Box::new(SockAddr::from(addr)), self.tok(kind::CONNECT, 0));
+            io.ring.connect(
+                fd,
+                Box::new(SockAddr::from(addr)),
+                self.tok(kind::CONNECT, 0),
+            );
             return;
         }
         let err = self.last_err.take().unwrap_or(RelayError::ResolveFailed);
@@ -591,7 +592,8 @@ impl Conn {
         let w = self.dirs[d].pipe.as_ref().expect("pipe lent").write_fd();
         let len = io.pipes.pipe_size() as u32;
         self.inflight += 1;
-        io.ring.splice(src, w, len, self.tok(kind::SPLICE_IN, d as u8));
+        io.ring
+            .splice(src, w, len, self.tok(kind::SPLICE_IN, d as u8));
     }
 
     fn splice_out(&mut self, io: &mut Io, d: usize) {
@@ -600,7 +602,8 @@ impl Conn {
         let r = dir.pipe.as_ref().expect("pipe lent").read_fd();
         let len = dir.in_pipe;
         self.inflight += 1;
-        io.ring.splice(r, dst, len, self.tok(kind::SPLICE_OUT, d as u8));
+        io.ring
+            .splice(r, dst, len, self.tok(kind::SPLICE_OUT, d as u8));
     }
 
     fn on_poll_in(&mut self, io: &mut Io, d: usize, res: i32) {

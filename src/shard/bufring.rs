@@ -32,11 +32,9 @@ impl BufRing {
     /// group `bgid`. Pages are touched lazily, so unused buffers cost no resident memory.
     pub fn new(ring: &Ring, bgid: u16, entries: u16, buf_size: u32) -> io::Result<BufRing> {
         assert!(entries.is_power_of_two() && entries <= 32768);
-        let ring_layout = Layout::from_size_align(
-            entries as usize * std::mem::size_of::<BufRingEntry>(),
-            4096,
-        )
-        .map_err(io::Error::other)?;
+        let ring_layout =
+            Layout::from_size_align(entries as usize * std::mem::size_of::<BufRingEntry>(), 4096)
+                .map_err(io::Error::other)?;
         let data_layout = Layout::from_size_align(entries as usize * buf_size as usize, 4096)
             .map_err(io::Error::other)?;
         // SAFETY: both layouts have a non-zero size; the blocks are freed in Drop with the same

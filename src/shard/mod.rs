@@ -201,19 +201,18 @@ impl Shard {
     fn setup(spec: ShardSpec) -> std::io::Result<Shard> {
         if let Some(core) = spec.core {
             if !core_affinity::set_for_current(core) {
-                warn!(shard = spec.id, core = core.id, "could not pin shard to its core");
+                warn!(
+                    shard = spec.id,
+                    core = core.id,
+                    "could not pin shard to its core"
+                );
             }
         }
         let ring = Ring::new(RING_ENTRIES)?;
         // Splices run in io-wq workers; a small bound keeps them from crowding the cores.
         let _ = ring.submitter().register_iowq_max_workers(&mut [2, 4]);
         let bufs = match spec.cfg.forward {
-            ForwardMode::Copy => Some(bufring::BufRing::new(
-                &ring,
-                BGID,
-                PBUF_ENTRIES,
-                PBUF_SIZE,
-            )?),
+            ForwardMode::Copy => Some(bufring::BufRing::new(&ring, BGID, PBUF_ENTRIES, PBUF_SIZE)?),
             ForwardMode::Splice => None,
         };
         debug!(shard = spec.id, setup = ring.setup, "ring ready");
@@ -256,9 +255,11 @@ impl Shard {
             self.arm_accept(i);
         }
         let dns_fd = self.io.dns.wake_fd();
-        self.io
-            .ring
-            .read(dns_fd, Vec::with_capacity(64), Token::shard(kind::DNS_WAKE, 0).0);
+        self.io.ring.read(
+            dns_fd,
+            Vec::with_capacity(64),
+            Token::shard(kind::DNS_WAKE, 0).0,
+        );
         self.io.ring.read(
             self.ctl.as_raw_fd(),
             Vec::with_capacity(8),
@@ -294,8 +295,7 @@ impl Shard {
                     self.wheel_armed = true;
                 }
             }
-            if self.stopping && self.live == 0 && self.listeners.iter().all(|l| l.sock.is_none())
-            {
+            if self.stopping && self.live == 0 && self.listeners.iter().all(|l| l.sock.is_none()) {
                 break;
             }
         }
@@ -340,7 +340,9 @@ impl Shard {
             kind::WHEEL => self.wheel_armed = false,
             kind::DNS_WAKE => {
                 let mut answers = Vec::new();
-                self.io.dns.drain(self.io.now, |tok, res| answers.push((tok, res)));
+                self.io
+                    .dns
+                    .drain(self.io.now, |tok, res| answers.push((tok, res)));
                 for (tok, res) in answers {
                     let tok = Token(tok);
                     self.with_conn(tok, |conn, io| conn.on_resolved(io, res));
@@ -377,7 +379,11 @@ impl Shard {
             kind::DRAIN => {
                 let n = self.live;
                 if n > 0 {
-                    info!(shard = self.id, connections = n, "drain timeout: closing the rest");
+                    info!(
+                        shard = self.id,
+                        connections = n,
+                        "drain timeout: closing the rest"
+                    );
                 }
                 for i in 0..self.slots.len() {
                     let g = self.slots[i].generation;

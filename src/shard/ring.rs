@@ -50,6 +50,9 @@ struct OpSlot {
     mem: OpMem,
 }
 
+/// Applies one set of ring setup flags to a builder.
+type SetupFlags = fn(&mut io_uring::Builder);
+
 /// Owner token for ops whose completion nobody needs (cancellations).
 pub const OWNER_IGNORE: u64 = u64::MAX;
 
@@ -68,7 +71,7 @@ impl Ring {
     /// COOP_TASKRUN, then the plain ring.
     pub fn new(entries: u32) -> io::Result<Ring> {
         let cq = entries * 8;
-        let attempts: [(&'static str, fn(&mut io_uring::Builder)); 3] = [
+        let attempts: [(&'static str, SetupFlags); 3] = [
             ("single_issuer+defer_taskrun", |b| {
                 b.setup_single_issuer().setup_defer_taskrun();
             }),
@@ -143,8 +146,7 @@ impl Ring {
             }
             // The SQ is full: hand what is queued to the kernel and try again.
             if let Err(e) = self.ring.submit() {
-                if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR)
-                {
+                if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR) {
                     panic!("io_uring submit failed: {e}");
                 }
             }
@@ -188,8 +190,7 @@ impl Ring {
     /// Cancels every op on `fd` (the connection is closing). The cancelled ops still complete,
     /// with `-ECANCELED`, and only then give their memory back.
     pub fn cancel_fd(&mut self, fd: RawFd) {
-        let sqe =
-            opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all()).build();
+        let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all()).build();
         self.push_plain(sqe, OWNER_IGNORE);
     }
 
@@ -226,7 +227,9 @@ impl Ring {
         let ptr = buf[off..].as_mut_ptr();
         let len = (buf.len() - off) as u32;
         let ud = self.alloc(owner, OpMem::Buf { buf, off });
-        let sqe = opcode::Read::new(types::Fd(fd), ptr, len).offset(u64::MAX).build();
+        let sqe = opcode::Read::new(types::Fd(fd), ptr, len)
+            .offset(u64::MAX)
+            .build();
         // SAFETY: as in `recv`: the heap block belongs to this op's slot until its completion.
         unsafe { self.push(sqe.user_data(ud)) };
         OpId(ud)

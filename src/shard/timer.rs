@@ -71,7 +71,10 @@ impl Wheel {
             return None;
         }
         let due = self.start + TICK * (self.cursor as u32);
-        Some(due.saturating_duration_since(now).max(Duration::from_millis(1)))
+        Some(
+            due.saturating_duration_since(now)
+                .max(Duration::from_millis(1)),
+        )
     }
 }
 
