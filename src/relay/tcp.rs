@@ -17,8 +17,8 @@
 //! pipes) only when the last op has completed.
 
 use std::collections::VecDeque;
-use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsRawFd, RawFd};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use socket2::{Domain, SockAddr, Socket, Type};
@@ -28,7 +28,7 @@ use crate::config::ForwardMode;
 use crate::dns::ResolveError;
 use crate::proto::{self, Addr, Command, RelayError, Rep, ServerHandshake, Step};
 use crate::shard::pipes::Pipe;
-use crate::shard::{kind, Completion, Io, OpId, OpMem, Token};
+use crate::shard::{kind, Completion, Io, OpId, OpMem, SockHandle, Target, Token};
 
 const C2T: usize = 0;
 const T2C: usize = 1;
@@ -68,8 +68,9 @@ struct Dir {
 
 pub struct Conn {
     token: Token,
-    client: Socket,
-    target: Option<Socket>,
+    client: SockHandle,
+    /// An ordinary socket while connecting; moved into the fixed-file table once connected.
+    target: Option<SockHandle>,
     peer: Option<SocketAddr>,
     phase: Phase,
     hs: Option<Box<ServerHandshake>>,
@@ -92,12 +93,12 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(client: Socket, token: Token) -> Conn {
+    pub fn new(client: SockHandle, peer: Option<SocketAddr>, token: Token) -> Conn {
         Conn {
             token,
             client,
             target: None,
-            peer: None,
+            peer,
             phase: Phase::Handshake,
             hs: Some(Box::new(ServerHandshake::new())),
             hs_buf: Vec::new(),
@@ -126,16 +127,16 @@ impl Conn {
         self.token.with(k, aux).0
     }
 
-    fn client_fd(&self) -> RawFd {
-        self.client.as_raw_fd()
+    fn client_fd(&self) -> Target {
+        self.client.target()
     }
 
-    fn target_fd(&self) -> RawFd {
-        self.target.as_ref().map_or(-1, |t| t.as_raw_fd())
+    fn target_fd(&self) -> Target {
+        self.target.as_ref().map_or(Target::Fd(-1), |t| t.target())
     }
 
     /// (source, destination) sockets of direction `d`.
-    fn dir_fds(&self, d: usize) -> (RawFd, RawFd) {
+    fn dir_fds(&self, d: usize) -> (Target, Target) {
         if d == C2T {
             (self.client_fd(), self.target_fd())
         } else {
@@ -155,17 +156,17 @@ impl Conn {
 
     // ---- ops and timers -------------------------------------------------------------------
 
-    fn recv(&mut self, io: &mut Io, fd: RawFd, buf: Vec<u8>, k: u8) {
+    fn recv(&mut self, io: &mut Io, fd: Target, buf: Vec<u8>, k: u8) {
         self.inflight += 1;
         io.ring.recv(fd, buf, self.tok(k, 0));
     }
 
-    fn send(&mut self, io: &mut Io, fd: RawFd, buf: Vec<u8>, off: usize, k: u8) {
+    fn send(&mut self, io: &mut Io, fd: Target, buf: Vec<u8>, off: usize, k: u8) {
         self.inflight += 1;
         io.ring.send(fd, buf, off, self.tok(k, 0));
     }
 
-    fn poll(&mut self, io: &mut Io, fd: RawFd, events: i16, k: u8, d: usize) {
+    fn poll(&mut self, io: &mut Io, fd: Target, events: i16, k: u8, d: usize) {
         self.inflight += 1;
         io.ring.poll(fd, events as u16 as u32, self.tok(k, d as u8));
     }
@@ -183,8 +184,6 @@ impl Conn {
     // ---- lifecycle ------------------------------------------------------------------------
 
     pub fn start(&mut self, io: &mut Io) {
-        self.peer = self.client.peer_addr().ok().and_then(|a| a.as_socket());
-        let _ = self.client.set_tcp_nodelay(true);
         self.last_active = io.now;
         let to = io.cfg.handshake_timeout;
         self.arm_timer(io, to);
@@ -215,6 +214,13 @@ impl Conn {
 
     /// Gives back what the connection still holds, after its last op completed.
     pub fn release(mut self: Box<Self>, io: &mut Io) {
+        io.files.remove(
+            &io.ring,
+            std::mem::replace(&mut self.client, SockHandle::Fixed(u32::MAX)),
+        );
+        if let Some(t) = self.target.take() {
+            io.files.remove(&io.ring, t);
+        }
         for d in &mut self.dirs {
             if let Some(p) = d.pipe.take() {
                 // A pipe with bytes left in it must not be lent again; dropping closes it.
@@ -223,7 +229,7 @@ impl Conn {
                 }
             }
         }
-        // Sockets close when `self` drops.
+        // Ordinary sockets close when `self` drops.
     }
 
     pub fn on_timer(&mut self, io: &mut Io, t: Token) {
@@ -431,7 +437,7 @@ impl Conn {
                 };
             let _ = sock.set_tcp_nodelay(true);
             let fd = sock.as_raw_fd();
-            self.target = Some(sock);
+            self.target = Some(SockHandle::Fd(sock));
             self.inflight += 1;
             io.ring.connect(
                 fd,
@@ -454,14 +460,13 @@ impl Conn {
             return self.connect_next(io);
         }
         self.disarm_timer();
-        let bnd = self
-            .target
-            .as_ref()
-            .and_then(|t| t.local_addr().ok())
-            .and_then(|a| a.as_socket());
-        let Some(bnd) = bnd else {
+        let Some(SockHandle::Fd(sock)) = self.target.take() else {
+            return self.fail(io, RelayError::General("outbound socket missing"));
+        };
+        let Some(bnd) = sock.local_addr().ok().and_then(|a| a.as_socket()) else {
             return self.fail(io, RelayError::General("outbound socket has no address"));
         };
+        self.target = Some(io.files.install(&io.ring, sock));
         let mut out = std::mem::take(&mut self.reply_prefix);
         proto::codec::encode_reply(Rep::SUCCEEDED, &Addr::Ip(bnd), &mut out);
         self.phase = Phase::Replying;
@@ -531,7 +536,7 @@ impl Conn {
                 return self.send(io, fd, buf, off, kind::REJECT_SEND);
             }
         }
-        let _ = self.client.shutdown(Shutdown::Write);
+        // Closing sends the FIN; nothing else is owed to a rejected client.
         self.close(io);
     }
 
@@ -557,14 +562,10 @@ impl Conn {
         if let Some(p) = dir.pipe.take() {
             io.pipes.give(p);
         }
-        let dst = if d == C2T {
-            self.target.as_ref()
-        } else {
-            Some(&self.client)
-        };
-        if let Some(s) = dst {
-            let _ = s.shutdown(Shutdown::Write);
-        }
+        let (_, dst) = self.dir_fds(d);
+        self.inflight += 1;
+        io.ring
+            .shutdown(dst, libc::SHUT_WR, self.tok(kind::SHUTDOWN, d as u8));
         if self.dirs[C2T].done && self.dirs[T2C].done {
             self.close(io);
         }
@@ -593,7 +594,7 @@ impl Conn {
         let len = io.pipes.pipe_size() as u32;
         self.inflight += 1;
         io.ring
-            .splice(src, w, len, self.tok(kind::SPLICE_IN, d as u8));
+            .splice(src, Target::Fd(w), len, self.tok(kind::SPLICE_IN, d as u8));
     }
 
     fn splice_out(&mut self, io: &mut Io, d: usize) {
@@ -603,7 +604,7 @@ impl Conn {
         let len = dir.in_pipe;
         self.inflight += 1;
         io.ring
-            .splice(r, dst, len, self.tok(kind::SPLICE_OUT, d as u8));
+            .splice(Target::Fd(r), dst, len, self.tok(kind::SPLICE_OUT, d as u8));
     }
 
     fn on_poll_in(&mut self, io: &mut Io, d: usize, res: i32) {

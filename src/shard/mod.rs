@@ -7,6 +7,7 @@
 //! the owner token packed into its op slot, turn the timer wheel, publish recycled buffers.
 
 pub mod bufring;
+pub mod files;
 pub mod pipes;
 pub mod ring;
 pub mod sys;
@@ -25,7 +26,8 @@ use crate::config::{Config, ForwardMode};
 use crate::dns::{Resolver, ShardResolver};
 use crate::relay::tcp::Conn;
 
-pub use ring::{Completion, OpId, OpMem, Ring};
+pub use files::{FileTable, SockHandle};
+pub use ring::{Completion, OpId, OpMem, Ring, Target};
 
 /// Op kinds packed into owner tokens. Connection kinds go to `relay::tcp::Conn`.
 pub mod kind {
@@ -43,6 +45,7 @@ pub mod kind {
     pub const SEND: u8 = 12;
     pub const TIMER: u8 = 13;
     pub const DNS: u8 = 14;
+    pub const SHUTDOWN: u8 = 15;
     // Shard-level kinds (slot == SHARD_SLOT).
     pub const ACCEPT: u8 = 32;
     pub const ACCEPT_RETRY: u8 = 33;
@@ -94,6 +97,7 @@ pub struct Io {
     pub ring: Ring,
     pub bufs: Option<bufring::BufRing>,
     pub pipes: pipes::PipePool,
+    pub files: FileTable,
     pub wheel: timer::Wheel,
     pub dns: ShardResolver,
     pub cfg: Arc<Config>,
@@ -113,6 +117,8 @@ const PBUF_SIZE: u32 = 16 * 1024;
 const PIPE_SIZE: usize = 256 * 1024;
 const PIPE_POOL_IDLE: usize = 256;
 const RING_ENTRIES: u32 = 4096;
+/// Fixed-file slots to ask for; the kernel caps a table at RLIMIT_NOFILE.
+const FILE_TABLE_WANT: u32 = 1 << 16;
 
 /// Everything a shard thread needs, built on the main thread.
 pub struct ShardSpec {
@@ -215,13 +221,20 @@ impl Shard {
             ForwardMode::Copy => Some(bufring::BufRing::new(&ring, BGID, PBUF_ENTRIES, PBUF_SIZE)?),
             ForwardMode::Splice => None,
         };
-        debug!(shard = spec.id, setup = ring.setup, "ring ready");
+        let files = FileTable::new(&ring, FILE_TABLE_WANT);
+        debug!(
+            shard = spec.id,
+            setup = ring.setup,
+            fixed_files = files.size(),
+            "ring ready"
+        );
         let now = Instant::now();
         let shard = Shard {
             io: Io {
                 ring,
                 bufs,
                 pipes: pipes::PipePool::new(PIPE_POOL_IDLE, PIPE_SIZE),
+                files,
                 wheel: timer::Wheel::new(now),
                 dns: ShardResolver::new(spec.resolver)?,
                 cfg: spec.cfg,
@@ -452,7 +465,12 @@ impl Shard {
         };
         let generation = self.slots[idx as usize].generation;
         let token = Token::new(idx, generation, 0, 0);
-        self.slots[idx as usize].conn = Some(Box::new(Conn::new(sock, token)));
+        // Socket options and the peer address need an ordinary fd: take them before the
+        // socket moves into the fixed-file table.
+        let _ = sock.set_tcp_nodelay(true);
+        let peer = sock.peer_addr().ok().and_then(|a| a.as_socket());
+        let client = self.io.files.install(&self.io.ring, sock);
+        self.slots[idx as usize].conn = Some(Box::new(Conn::new(client, peer, token)));
         self.live += 1;
         self.with_conn(token, |conn, io| conn.start(io));
     }
@@ -469,7 +487,7 @@ impl Shard {
         );
         for l in &mut self.listeners {
             match (&l.sock, l.armed) {
-                (Some(s), true) => self.io.ring.cancel_fd(s.as_raw_fd()),
+                (Some(s), true) => self.io.ring.cancel_fd(Target::Fd(s.as_raw_fd())),
                 _ => l.sock = None,
             }
         }

@@ -12,6 +12,30 @@ use std::os::fd::RawFd;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
+/// A socket as the ring sees it: an ordinary fd, or an index into the ring's registered
+/// (fixed) file table. Fixed files cost no process fd and skip fd refcounting per op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Fd(RawFd),
+    Fixed(u32),
+}
+
+/// Builds an SQE for either kind of [`Target`]: `$f` is bound to `types::Fd` or `types::Fixed`.
+macro_rules! on_target {
+    ($t:expr, $f:ident => $e:expr) => {
+        match $t {
+            Target::Fd(fd) => {
+                let $f = types::Fd(fd);
+                $e
+            }
+            Target::Fixed(i) => {
+                let $f = types::Fixed(i);
+                $e
+            }
+        }
+    };
+}
+
 /// Memory an in-flight op owns until its final completion.
 #[derive(Debug, Default)]
 pub enum OpMem {
@@ -162,15 +186,22 @@ impl Ring {
     }
 
     /// One-shot readiness poll (`POLLIN`/`POLLOUT`/...).
-    pub fn poll(&mut self, fd: RawFd, events: u32, owner: u64) -> OpId {
-        self.push_plain(opcode::PollAdd::new(types::Fd(fd), events).build(), owner)
+    pub fn poll(&mut self, fd: Target, events: u32, owner: u64) -> OpId {
+        let sqe = on_target!(fd, f => opcode::PollAdd::new(f, events).build());
+        self.push_plain(sqe, owner)
     }
 
     /// `splice(fd_in -> fd_out)` of up to `len` bytes, never blocking an io-wq worker.
-    pub fn splice(&mut self, fd_in: RawFd, fd_out: RawFd, len: u32, owner: u64) -> OpId {
-        let sqe = opcode::Splice::new(types::Fd(fd_in), -1, types::Fd(fd_out), -1, len)
-            .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
-            .build();
+    pub fn splice(&mut self, fd_in: Target, fd_out: Target, len: u32, owner: u64) -> OpId {
+        let flags = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
+        let sqe = on_target!(fd_in, i => on_target!(fd_out, o =>
+            opcode::Splice::new(i, -1, o, -1, len).flags(flags).build()));
+        self.push_plain(sqe, owner)
+    }
+
+    /// `shutdown(2)` of a socket (fixed files have no fd to call it on directly).
+    pub fn shutdown(&mut self, fd: Target, how: i32, owner: u64) -> OpId {
+        let sqe = on_target!(fd, f => opcode::Shutdown::new(f, how).build());
         self.push_plain(sqe, owner)
     }
 
@@ -183,14 +214,16 @@ impl Ring {
     }
 
     /// Multishot receive into the provided buffer ring `bgid`.
-    pub fn recv_multi(&mut self, fd: RawFd, bgid: u16, owner: u64) -> OpId {
-        self.push_plain(opcode::RecvMulti::new(types::Fd(fd), bgid).build(), owner)
+    pub fn recv_multi(&mut self, fd: Target, bgid: u16, owner: u64) -> OpId {
+        let sqe = on_target!(fd, f => opcode::RecvMulti::new(f, bgid).build());
+        self.push_plain(sqe, owner)
     }
 
     /// Cancels every op on `fd` (the connection is closing). The cancelled ops still complete,
     /// with `-ECANCELED`, and only then give their memory back.
-    pub fn cancel_fd(&mut self, fd: RawFd) {
-        let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all()).build();
+    pub fn cancel_fd(&mut self, fd: Target) {
+        let sqe = on_target!(fd, f =>
+            opcode::AsyncCancel2::new(types::CancelBuilder::fd(f).all()).build());
         self.push_plain(sqe, OWNER_IGNORE);
     }
 
@@ -201,7 +234,7 @@ impl Ring {
 
     /// Receives into `buf[buf.len()..capacity]`. The buffer is zero-filled to its capacity first
     /// so that it is always initialised; on completion the caller truncates it to `off + res`.
-    pub fn recv(&mut self, fd: RawFd, mut buf: Vec<u8>, owner: u64) -> OpId {
+    pub fn recv(&mut self, fd: Target, mut buf: Vec<u8>, owner: u64) -> OpId {
         if buf.capacity() == buf.len() {
             buf.reserve(512);
         }
@@ -210,7 +243,7 @@ impl Ring {
         let ptr = buf[off..].as_mut_ptr();
         let len = (buf.len() - off) as u32;
         let ud = self.alloc(owner, OpMem::Buf { buf, off });
-        let sqe = opcode::Recv::new(types::Fd(fd), ptr, len).build();
+        let sqe = on_target!(fd, f => opcode::Recv::new(f, ptr, len).build());
         // SAFETY: the kernel writes into the Vec's heap block, which moved (without moving the
         // block) into this op's slot and stays there until the final completion returns it.
         unsafe { self.push(sqe.user_data(ud)) };
@@ -251,14 +284,14 @@ impl Ring {
 
     /// Sends `buf[off..]`. A short send returns the buffer with the count in `res`; the caller
     /// resubmits the rest.
-    pub fn send(&mut self, fd: RawFd, buf: Vec<u8>, off: usize, owner: u64) -> OpId {
+    pub fn send(&mut self, fd: Target, buf: Vec<u8>, off: usize, owner: u64) -> OpId {
         debug_assert!(off < buf.len());
         let ptr = buf[off..].as_ptr();
         let len = (buf.len() - off) as u32;
         let ud = self.alloc(owner, OpMem::Buf { buf, off });
-        let sqe = opcode::Send::new(types::Fd(fd), ptr, len)
+        let sqe = on_target!(fd, f => opcode::Send::new(f, ptr, len)
             .flags(libc::MSG_NOSIGNAL)
-            .build();
+            .build());
         // SAFETY: the kernel reads the Vec's initialised bytes, a heap block owned by this op's
         // slot until the final completion.
         unsafe { self.push(sqe.user_data(ud)) };
@@ -269,7 +302,7 @@ impl Ring {
     /// until its final completion, so the buffer cannot be recycled while the kernel reads it.
     pub fn send_pbuf(
         &mut self,
-        fd: RawFd,
+        fd: Target,
         bufs: &super::bufring::BufRing,
         bid: u16,
         off: u32,
@@ -278,9 +311,9 @@ impl Ring {
     ) -> OpId {
         let ptr = bufs.ptr(bid, off);
         let ud = self.alloc(owner, OpMem::Pbuf { bid, off, end });
-        let sqe = opcode::Send::new(types::Fd(fd), ptr, end - off)
+        let sqe = on_target!(fd, f => opcode::Send::new(f, ptr, end - off)
             .flags(libc::MSG_NOSIGNAL)
-            .build();
+            .build());
         // SAFETY: `ptr` points into the buffer ring's data area, which lives as long as the
         // shard; buffer `bid` is owned by this op (recorded in its slot) and only returned to
         // the kernel's ring after this op's final completion.

@@ -36,6 +36,19 @@ pub fn raise_nofile() -> io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// The current soft RLIMIT_NOFILE.
+pub fn nofile_soft() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    lim.rlim_cur
+}
+
 /// A peer that resets while we splice into it must give EPIPE, not kill the process.
 pub fn ignore_sigpipe() {
     // SAFETY: setting a signal's disposition to SIG_IGN has no memory effects.
