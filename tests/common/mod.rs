@@ -1,0 +1,903 @@
+//! Shared end-to-end helpers: spawn the real `ringsocks` binary on loopback,
+//! small std-thread servers (HTTP, echo, reply-after-EOF, hold, peer-reporting)
+//! and a hand-rolled SOCKS5 client for probes.
+//!
+//! Every address used here is loopback. Every loop is bounded in count or time.
+//!
+//! `RINGSOCKS_TEST_BIN` may point at another SOCKS5 server wrapper that speaks the
+//! same command-line/readiness contract (used to validate the harness itself, e.g.
+//! `tests/support/microsocks-shim.sh`); by default the cargo-built binary is used.
+#![allow(dead_code)]
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs,
+};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// How long the relay gets to print its `listening` lines.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default I/O timeout on test sockets so no test can hang forever.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// The relay process
+// ---------------------------------------------------------------------------
+
+/// Path of the binary under test.
+pub fn relay_bin() -> PathBuf {
+    match std::env::var_os("RINGSOCKS_TEST_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_ringsocks")),
+    }
+}
+
+/// A running relay. Killed (by the PID we spawned) and reaped on drop.
+pub struct Relay {
+    /// First `listening` address.
+    pub addr: SocketAddr,
+    /// All `listening` addresses, in the order printed.
+    pub addrs: Vec<SocketAddr>,
+    pub child: Child,
+    stderr: Arc<Mutex<String>>,
+    exited: Option<ExitStatus>,
+}
+
+/// Why the relay did not become ready.
+#[derive(Debug)]
+pub struct StartFailure {
+    /// Exit status if it exited (None: still running when we gave up, now killed).
+    pub status: Option<ExitStatus>,
+    pub stderr: String,
+    pub stdout: String,
+    pub reason: String,
+}
+
+fn spawn_reader<R: Read + Send + 'static>(r: R, sink: Arc<Mutex<String>>) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let mut r = BufReader::new(r);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => sink.lock().unwrap().push_str(&line),
+            }
+        }
+    })
+}
+
+fn parse_listening(line: &str) -> Option<SocketAddr> {
+    line.trim().strip_prefix("listening ")?.trim().parse().ok()
+}
+
+impl Relay {
+    /// Start the relay with `args`; adds `--listen 127.0.0.1:0` unless a `--listen` is given.
+    /// Panics (with the relay's stderr) if it is not ready within 10 s.
+    pub fn start(args: &[&str]) -> Relay {
+        match Relay::try_start(args) {
+            Ok(r) => r,
+            Err(f) => panic!(
+                "relay {:?} {:?} failed to start: {}\nstatus: {:?}\nstdout:\n{}\nstderr:\n{}",
+                relay_bin(),
+                args,
+                f.reason,
+                f.status,
+                f.stdout,
+                f.stderr
+            ),
+        }
+    }
+
+    pub fn try_start(args: &[&str]) -> Result<Relay, StartFailure> {
+        let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let listens = args.iter().filter(|a| **a == "--listen").count();
+        if listens == 0 {
+            full.push("--listen".into());
+            full.push("127.0.0.1:0".into());
+        }
+        let expected = listens.max(1);
+        let mut child = Command::new(relay_bin())
+            .args(&full)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", relay_bin()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let stderr_thread = spawn_reader(child.stderr.take().unwrap(), stderr.clone());
+        let stdout_log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel::<Option<String>>();
+        {
+            let out = child.stdout.take().unwrap();
+            let stdout_log = stdout_log.clone();
+            thread::spawn(move || {
+                let mut r = BufReader::new(out);
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    match r.read_line(&mut line) {
+                        Ok(0) | Err(_) => {
+                            let _ = tx.send(None);
+                            break;
+                        }
+                        Ok(_) => {
+                            stdout_log.lock().unwrap().push_str(&line);
+                            // The receiver may be gone once we are ready; keep draining.
+                            let _ = tx.send(Some(line.clone()));
+                        }
+                    }
+                }
+            });
+        }
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut addrs = Vec::new();
+        let mut reason = String::new();
+        while addrs.len() < expected {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Some(line)) => {
+                    if let Some(a) = parse_listening(&line) {
+                        addrs.push(a);
+                    }
+                }
+                Ok(None) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    reason = "stdout closed before readiness".into();
+                    break;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    reason = format!("no `listening` line within {READY_TIMEOUT:?}");
+                    break;
+                }
+            }
+        }
+        if addrs.len() == expected {
+            return Ok(Relay {
+                addr: addrs[0],
+                addrs,
+                child,
+                stderr,
+                exited: None,
+            });
+        }
+        // Not ready: collect exit status (bounded), kill if still running.
+        let status = wait_child(&mut child, Duration::from_secs(5));
+        let status = match status {
+            Some(s) => Some(s),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                None
+            }
+        };
+        let _ = stderr_thread.join();
+        let stderr = stderr.lock().unwrap().clone();
+        let stdout = stdout_log.lock().unwrap().clone();
+        Err(StartFailure {
+            status,
+            stderr,
+            stdout,
+            reason,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the relay wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Send a signal by name (`TERM`, `INT`) to the PID we spawned, via `kill(1)`.
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill(1)");
+        assert!(st.success(), "kill -{sig} {} failed: {st}", self.pid());
+    }
+
+    /// Wait (bounded) for the relay to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = wait_child(&mut self.child, timeout);
+        }
+        self.exited
+    }
+
+    /// Is the process still running?
+    pub fn is_running(&mut self) -> bool {
+        if self.exited.is_some() {
+            return false;
+        }
+        match self.child.try_wait() {
+            Ok(Some(s)) => {
+                self.exited = Some(s);
+                false
+            }
+            _ => true,
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if thread::panicking() {
+            eprintln!(
+                "---- relay (pid {}) stderr ----\n{}\n---- end relay stderr ----",
+                self.child.id(),
+                self.stderr()
+            );
+        }
+    }
+}
+
+fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Wait for an arbitrary child with a deadline; kills it (it is ours) on timeout.
+pub fn wait_child_or_kill(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let r = wait_child(child, timeout);
+    if r.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    r
+}
+
+// ---------------------------------------------------------------------------
+// Deterministic data
+// ---------------------------------------------------------------------------
+
+/// xorshift64* stream: deterministic pseudo-random bytes for a seed.
+pub fn prng_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub const BIG_LEN: usize = 10 * 1024 * 1024;
+
+/// The 10 MB body served at `/big`.
+pub fn big_body() -> &'static [u8] {
+    static BODY: OnceLock<Vec<u8>> = OnceLock::new();
+    BODY.get_or_init(|| prng_bytes(0xB16_B0D7, BIG_LEN))
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(data);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// ---------------------------------------------------------------------------
+// Servers
+// ---------------------------------------------------------------------------
+
+/// A background accept loop; stops (and joins) on drop.
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+    /// Peer addresses of accepted connections, in accept order.
+    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
+    /// Number of accepted connections.
+    pub accepted: Arc<AtomicUsize>,
+}
+
+impl Server {
+    fn spawn<F>(bind: &str, handler: F) -> io::Result<Server>
+    where
+        F: Fn(TcpStream) + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind(bind)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let handler = Arc::new(handler);
+        let handle = {
+            let stop = stop.clone();
+            let peers = peers.clone();
+            let accepted = accepted.clone();
+            thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(s) = conn else { continue };
+                    if let Ok(p) = s.peer_addr() {
+                        peers.lock().unwrap().push(p);
+                    }
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    let h = handler.clone();
+                    let _ = thread::Builder::new()
+                        .stack_size(128 * 1024)
+                        .spawn(move || h(s));
+                }
+            })
+        };
+        Ok(Server {
+            addr,
+            stop,
+            handle: Some(handle),
+            peers,
+            accepted,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Echo server: copies everything back, then half-closes after the client's EOF.
+pub fn echo_server(bind: &str) -> Server {
+    Server::spawn(bind, |mut s| {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = s.shutdown(Shutdown::Write);
+    })
+    .expect("bind echo server")
+}
+
+/// What a reply-after-EOF server received, one entry per connection that reached EOF.
+pub type Received = Arc<Mutex<Vec<Vec<u8>>>>;
+
+/// Reads until EOF, then replies `got <n> bytes sha256=<hex>\n` and closes.
+pub fn reply_after_eof_server(bind: &str) -> (Server, Received) {
+    let received: Received = Arc::new(Mutex::new(Vec::new()));
+    let rec = received.clone();
+    let server = Server::spawn(bind, move |mut s| {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+        let mut data = Vec::new();
+        if s.read_to_end(&mut data).is_err() {
+            return;
+        }
+        rec.lock().unwrap().push(data.clone());
+        let reply = reply_after_eof_text(&data);
+        let _ = s.write_all(reply.as_bytes());
+        let _ = s.shutdown(Shutdown::Both);
+    })
+    .expect("bind reply-after-eof server");
+    (server, received)
+}
+
+pub fn reply_after_eof_text(data: &[u8]) -> String {
+    format!("got {} bytes sha256={}\n", data.len(), sha256_hex(data))
+}
+
+/// Writes the peer address it sees (`ip:port\n`) then echoes.
+pub fn peer_server(bind: &str) -> Server {
+    Server::spawn(bind, |mut s| {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+        let p = match s.peer_addr() {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        if s.write_all(format!("{p}\n").as_bytes()).is_err() {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .expect("bind peer server")
+}
+
+/// Minimal HTTP/1.1 server: `GET /big` -> the 10 MB body, anything else -> `hello\n`.
+pub fn http_server(bind: &str) -> io::Result<Server> {
+    Server::spawn(bind, serve_http)
+}
+
+/// HTTP server reachable on 127.0.0.1 and (if available) [::1] on the same port,
+/// so `localhost` works whatever order the resolver returns.
+pub fn http_server_localhost() -> (Server, Option<Server>) {
+    for _ in 0..20 {
+        let v4 = http_server("127.0.0.1:0").expect("bind http 127.0.0.1");
+        if !has_ipv6_loopback() {
+            return (v4, None);
+        }
+        if let Ok(v6) = http_server(&format!("[::1]:{}", v4.port())) {
+            return (v4, Some(v6));
+        }
+    }
+    panic!("could not bind an HTTP server on the same port on 127.0.0.1 and [::1]");
+}
+
+fn serve_http(mut s: TcpStream) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    // Read the request head (bounded).
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        if head.len() > 64 * 1024 {
+            return;
+        }
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    let path = text
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("/")
+        .to_string();
+    let body: &[u8] = if path == "/big" {
+        big_body()
+    } else {
+        b"hello\n"
+    };
+    let hdr = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if s.write_all(hdr.as_bytes()).is_ok() {
+        let _ = s.write_all(body);
+    }
+    let _ = s.shutdown(Shutdown::Write);
+    // Let the client read everything before the socket is dropped (avoids RST on unread data).
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.read(&mut buf);
+}
+
+/// Accepts and holds every connection (no threads per connection), for idle-scale tests.
+pub struct HoldServer {
+    pub addr: SocketAddr,
+    pub conns: Arc<Mutex<Vec<TcpStream>>>,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl HoldServer {
+    pub fn start(bind: &str) -> HoldServer {
+        let listener = TcpListener::bind(bind).expect("bind hold server");
+        let addr = listener.local_addr().unwrap();
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = {
+            let conns = conns.clone();
+            let stop = stop.clone();
+            thread::spawn(move || {
+                for c in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    match c {
+                        Ok(s) => conns.lock().unwrap().push(s),
+                        Err(e) => {
+                            eprintln!("hold server accept error: {e}");
+                            thread::sleep(Duration::from_millis(10));
+                        }
+                    }
+                }
+            })
+        };
+        HoldServer {
+            addr,
+            conns,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.conns.lock().unwrap().len()
+    }
+}
+
+impl Drop for HoldServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw SOCKS5 client
+// ---------------------------------------------------------------------------
+
+pub const CMD_CONNECT: u8 = 0x01;
+pub const CMD_BIND: u8 = 0x02;
+pub const CMD_UDP_ASSOCIATE: u8 = 0x03;
+
+/// Destination of a SOCKS5 request.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Addr(SocketAddr),
+    Domain(String, u16),
+}
+
+impl From<SocketAddr> for Target {
+    fn from(a: SocketAddr) -> Self {
+        Target::Addr(a)
+    }
+}
+
+/// `05 n methods...`
+pub fn greeting(methods: &[u8]) -> Vec<u8> {
+    let mut v = vec![0x05, methods.len() as u8];
+    v.extend_from_slice(methods);
+    v
+}
+
+/// RFC 1929 `01 ulen user plen pass`.
+pub fn auth_request(user: &str, pass: &str) -> Vec<u8> {
+    let mut v = vec![0x01, user.len() as u8];
+    v.extend_from_slice(user.as_bytes());
+    v.push(pass.len() as u8);
+    v.extend_from_slice(pass.as_bytes());
+    v
+}
+
+/// `05 cmd 00 atyp addr port`.
+pub fn request(cmd: u8, target: &Target) -> Vec<u8> {
+    let mut v = vec![0x05, cmd, 0x00];
+    match target {
+        Target::Addr(SocketAddr::V4(a)) => {
+            v.push(0x01);
+            v.extend_from_slice(&a.ip().octets());
+            v.extend_from_slice(&a.port().to_be_bytes());
+        }
+        Target::Addr(SocketAddr::V6(a)) => {
+            v.push(0x04);
+            v.extend_from_slice(&a.ip().octets());
+            v.extend_from_slice(&a.port().to_be_bytes());
+        }
+        Target::Domain(d, port) => {
+            v.push(0x03);
+            v.push(d.len() as u8);
+            v.extend_from_slice(d.as_bytes());
+            v.extend_from_slice(&port.to_be_bytes());
+        }
+    }
+    v
+}
+
+/// A parsed SOCKS5 reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub rep: u8,
+    pub bnd: BndAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BndAddr {
+    Addr(SocketAddr),
+    Domain(String, u16),
+}
+
+/// Read one SOCKS5 reply (`05 rep 00 atyp addr port`).
+pub fn read_reply<R: Read>(s: &mut R) -> io::Result<Reply> {
+    let mut h = [0u8; 4];
+    s.read_exact(&mut h)?;
+    if h[0] != 0x05 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("reply version {:#04x} (header {:02x?})", h[0], h),
+        ));
+    }
+    let bnd = match h[3] {
+        0x01 => {
+            let mut a = [0u8; 6];
+            s.read_exact(&mut a)?;
+            let ip = Ipv4Addr::new(a[0], a[1], a[2], a[3]);
+            BndAddr::Addr(SocketAddr::new(
+                IpAddr::V4(ip),
+                u16::from_be_bytes([a[4], a[5]]),
+            ))
+        }
+        0x04 => {
+            let mut a = [0u8; 18];
+            s.read_exact(&mut a)?;
+            let mut o = [0u8; 16];
+            o.copy_from_slice(&a[..16]);
+            BndAddr::Addr(SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(o)),
+                u16::from_be_bytes([a[16], a[17]]),
+            ))
+        }
+        0x03 => {
+            let mut l = [0u8; 1];
+            s.read_exact(&mut l)?;
+            let mut d = vec![0u8; l[0] as usize + 2];
+            s.read_exact(&mut d)?;
+            let n = d.len();
+            let port = u16::from_be_bytes([d[n - 2], d[n - 1]]);
+            BndAddr::Domain(String::from_utf8_lossy(&d[..n - 2]).into_owned(), port)
+        }
+        t => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("reply ATYP {t:#04x} (header {h:02x?})"),
+            ))
+        }
+    };
+    Ok(Reply { rep: h[1], bnd })
+}
+
+/// Connect to the relay with test timeouts set.
+pub fn connect(relay: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&relay, IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("connect to relay {relay}: {e}"));
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Method negotiation (+ RFC 1929 if `auth`), returning the method the server chose.
+pub fn negotiate(s: &mut TcpStream, auth: Option<(&str, &str)>) -> io::Result<u8> {
+    let methods: &[u8] = if auth.is_some() {
+        &[0x00, 0x02]
+    } else {
+        &[0x00]
+    };
+    s.write_all(&greeting(methods))?;
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m)?;
+    if m[0] != 0x05 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("method reply {m:02x?}"),
+        ));
+    }
+    if m[1] == 0x02 {
+        let (u, p) = auth.ok_or_else(|| io::Error::other("server wants auth"))?;
+        s.write_all(&auth_request(u, p))?;
+        let mut r = [0u8; 2];
+        s.read_exact(&mut r)?;
+        if r != [0x01, 0x00] {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("auth reply {r:02x?}"),
+            ));
+        }
+    }
+    Ok(m[1])
+}
+
+/// Full SOCKS5 handshake for `cmd` to `target`; returns the stream and the reply.
+pub fn socks_request(
+    relay: SocketAddr,
+    auth: Option<(&str, &str)>,
+    cmd: u8,
+    target: &Target,
+) -> io::Result<(TcpStream, Reply)> {
+    let mut s = connect(relay);
+    let m = negotiate(&mut s, auth)?;
+    if m == 0xFF {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "no acceptable method (05 FF)",
+        ));
+    }
+    s.write_all(&request(cmd, target))?;
+    let r = read_reply(&mut s)?;
+    Ok((s, r))
+}
+
+/// CONNECT through the relay; panics unless REP is 0x00.
+pub fn socks_connect(relay: SocketAddr, target: impl Into<Target>) -> TcpStream {
+    let target = target.into();
+    let (s, r) = socks_request(relay, None, CMD_CONNECT, &target)
+        .unwrap_or_else(|e| panic!("SOCKS CONNECT {target:?} via {relay}: {e}"));
+    assert_eq!(r.rep, 0x00, "CONNECT {target:?} via {relay}: reply {r:?}");
+    s
+}
+
+/// Outcome of waiting for the peer to close.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CloseOutcome {
+    /// read() returned 0 or ECONNRESET after `elapsed`; `extra` is any data seen first.
+    Closed { extra: Vec<u8> },
+    /// Still open at the deadline.
+    StillOpen { extra: Vec<u8> },
+}
+
+/// Read until EOF/reset or `within` elapses. Data read on the way is collected.
+pub fn wait_closed(s: &mut TcpStream, within: Duration) -> (CloseOutcome, Duration) {
+    let start = Instant::now();
+    let deadline = start + within;
+    let mut extra = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return (CloseOutcome::StillOpen { extra }, start.elapsed());
+        }
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return (CloseOutcome::Closed { extra }, start.elapsed()),
+            Ok(n) => {
+                extra.extend_from_slice(&buf[..n]);
+                if extra.len() > 1 << 20 {
+                    return (CloseOutcome::StillOpen { extra }, start.elapsed());
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                return (CloseOutcome::Closed { extra }, start.elapsed())
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("unexpected read error while waiting for close: {e}"),
+        }
+    }
+}
+
+/// Assert the relay closes `s` within `within` with no further data.
+pub fn assert_closed(s: &mut TcpStream, within: Duration, what: &str) {
+    let (o, el) = wait_closed(s, within);
+    assert_eq!(
+        o,
+        CloseOutcome::Closed { extra: vec![] },
+        "{what}: expected the relay to close the connection within {within:?} (waited {el:?})"
+    );
+}
+
+/// Echo `data` through `s` (write all from a helper thread, read it back) and compare.
+pub fn echo_roundtrip(s: &TcpStream, data: &[u8]) {
+    let mut w = s.try_clone().unwrap();
+    let owned = data.to_vec();
+    let writer = thread::spawn(move || w.write_all(&owned));
+    let mut got = vec![0u8; data.len()];
+    let mut r = s.try_clone().unwrap();
+    r.read_exact(&mut got)
+        .unwrap_or_else(|e| panic!("reading {} echoed bytes: {e}", data.len()));
+    writer.join().unwrap().expect("write to relay");
+    assert!(got == data, "echoed data differs from what was sent");
+}
+
+// ---------------------------------------------------------------------------
+// Misc
+// ---------------------------------------------------------------------------
+
+pub fn has_ipv6_loopback() -> bool {
+    TcpListener::bind("[::1]:0").is_ok()
+}
+
+/// A port on 127.0.0.1 that nothing listens on (bound then released).
+pub fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    drop(l);
+    a
+}
+
+/// A fresh path under cargo's per-test tmp dir.
+pub fn tmp_path(name: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(dir).unwrap();
+    dir.join(format!(
+        "{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst),
+        name
+    ))
+}
+
+/// Require an external tool: fail (not skip) when it is missing.
+pub fn require_tool(name: &str) {
+    let ok = Command::new(name)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    assert!(
+        ok,
+        "`{name}` is required on PATH for this test (CI installs it)"
+    );
+}
+
+/// Run curl with bounded time; returns its output.
+pub fn curl(args: &[&str]) -> Output {
+    require_tool("curl");
+    let child = Command::new("curl")
+        .args(["-sS", "--max-time", "60", "--connect-timeout", "10"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn curl");
+    // curl's own --max-time bounds this.
+    child.wait_with_output().expect("wait curl")
+}
+
+/// curl through `relay` (plain `--socks5`) for `url`, asserting success; returns the body.
+pub fn curl_ok(relay: SocketAddr, url: &str) -> Vec<u8> {
+    let proxy = relay.to_string();
+    let out = curl(&["--socks5", &proxy, url]);
+    assert!(
+        out.status.success(),
+        "curl --socks5 {proxy} {url} failed: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Resolve helper for tests that need it.
+pub fn resolve(s: &str) -> Vec<SocketAddr> {
+    s.to_socket_addrs().map(|i| i.collect()).unwrap_or_default()
+}
+
+/// The two forwarding modes every forwarding test runs under.
+pub const FORWARD_MODES: [&str; 2] = ["splice", "copy"];

@@ -1,0 +1,158 @@
+//! End-to-end: curl through the real relay over loopback.
+mod common;
+
+use common::*;
+use std::os::unix::fs::PermissionsExt;
+
+fn fetch_big_via(proxy_flag: &str, relay: std::net::SocketAddr, url: &str, extra: &[&str]) {
+    let proxy = relay.to_string();
+    let mut args = vec![proxy_flag, proxy.as_str()];
+    args.extend_from_slice(extra);
+    args.push(url);
+    let out = curl(&args);
+    assert!(
+        out.status.success(),
+        "curl {args:?} failed: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout.len(), BIG_LEN, "body length via {proxy_flag}");
+    assert_eq!(
+        sha256_hex(&out.stdout),
+        sha256_hex(big_body()),
+        "sha256 of the 10 MB body fetched via {proxy_flag} {url}"
+    );
+}
+
+#[test]
+fn curl_socks5_big_file_sha256_splice_and_copy() {
+    let http = http_server("127.0.0.1:0").unwrap();
+    let url = format!("http://127.0.0.1:{}/big", http.port());
+    for mode in FORWARD_MODES {
+        let relay = Relay::start(&["--forward", mode]);
+        fetch_big_via("--socks5", relay.addr, &url, &[]);
+    }
+}
+
+#[test]
+fn curl_socks5_hostname_localhost_splice_and_copy() {
+    let (http, _v6) = http_server_localhost();
+    let url = format!("http://localhost:{}/big", http.port());
+    for mode in FORWARD_MODES {
+        let relay = Relay::start(&["--forward", mode]);
+        fetch_big_via("--socks5-hostname", relay.addr, &url, &[]);
+    }
+}
+
+#[test]
+fn curl_socks5_ipv6_target() {
+    let http = match http_server("[::1]:0") {
+        Ok(h) => h,
+        Err(e) => {
+            println!("NOTE: skipping IPv6 target test: this machine has no ::1 ({e})");
+            return;
+        }
+    };
+    let url = format!("http://[::1]:{}/big", http.port());
+    for mode in FORWARD_MODES {
+        let relay = Relay::start(&["--forward", mode]);
+        fetch_big_via("--socks5", relay.addr, &url, &[]);
+        fetch_big_via("--socks5-hostname", relay.addr, &url, &[]);
+    }
+}
+
+#[test]
+fn curl_proxy_user_good_wrong_and_missing() {
+    let http = http_server("127.0.0.1:0").unwrap();
+    let url = format!("http://127.0.0.1:{}/", http.port());
+    let relay = Relay::start(&["--user", "alice:secret"]);
+    let proxy = relay.addr.to_string();
+
+    let good = || {
+        let out = curl(&["--socks5", &proxy, "--proxy-user", "alice:secret", &url]);
+        assert!(
+            out.status.success(),
+            "curl with the right password failed: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout, b"hello\n");
+    };
+    good();
+
+    let wrong = curl(&["--socks5", &proxy, "--proxy-user", "alice:wrong", &url]);
+    assert!(
+        !wrong.status.success(),
+        "curl with a wrong password must fail, got {} body {:?}",
+        wrong.status,
+        String::from_utf8_lossy(&wrong.stdout)
+    );
+    // The relay still serves the next good request.
+    good();
+
+    let unknown = curl(&["--socks5", &proxy, "--proxy-user", "mallory:secret", &url]);
+    assert!(!unknown.status.success(), "unknown user must fail");
+
+    let none = curl(&["--socks5", &proxy, &url]);
+    assert!(
+        !none.status.success(),
+        "curl without --proxy-user must fail against a relay with users, got {}",
+        none.status
+    );
+    good();
+}
+
+#[test]
+fn users_file_mode_0600_works() {
+    let http = http_server("127.0.0.1:0").unwrap();
+    let url = format!("http://127.0.0.1:{}/", http.port());
+    let path = tmp_path("users-0600");
+    std::fs::write(&path, "alice:secret\nbob:hunter2\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let relay = Relay::start(&["--users", path.to_str().unwrap()]);
+    let proxy = relay.addr.to_string();
+    for cred in ["alice:secret", "bob:hunter2"] {
+        let out = curl(&["--socks5", &proxy, "--proxy-user", cred, &url]);
+        assert!(
+            out.status.success(),
+            "curl as {cred} with --users file failed: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout, b"hello\n");
+    }
+    let out = curl(&["--socks5", &proxy, "--proxy-user", "alice:hunter2", &url]);
+    assert!(!out.status.success(), "crossed credentials must fail");
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn users_file_mode_0644_is_refused() {
+    for mode in [0o644, 0o640, 0o604] {
+        let path = tmp_path(&format!("users-{mode:o}"));
+        std::fs::write(&path, "alice:secret\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let p = path.to_str().unwrap();
+        match Relay::try_start(&["--users", p]) {
+            Ok(r) => panic!(
+                "relay started with a users file of mode {mode:o} (listening on {}); it must refuse",
+                r.addr
+            ),
+            Err(f) => {
+                let st = f
+                    .status
+                    .unwrap_or_else(|| panic!("relay neither ready nor exited: {f:?}"));
+                assert!(
+                    !st.success(),
+                    "relay must exit non-zero for mode {mode:o}, got {st}"
+                );
+                assert!(
+                    f.stderr.contains(p),
+                    "stderr must name the users file {p}; got:\n{}",
+                    f.stderr
+                );
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+}

@@ -1,0 +1,283 @@
+//! Scale over loopback: 1,000 concurrent busy tunnels (splice and copy), and 20,000 idle
+//! tunnels held at once.
+//!
+//! `RINGSOCKS_SCALE_IDLE` overrides the idle count (default 20000), only for harness runs
+//! against other servers.
+mod common;
+
+use common::*;
+use rlimit::Resource;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The scale tests share this process's file descriptor budget: run them one at a time.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn raise_nofile() -> u64 {
+    let want = 1u64 << 20;
+    if rlimit::setrlimit(Resource::NOFILE, want, want).is_err() {
+        let (_, hard) = rlimit::getrlimit(Resource::NOFILE).unwrap();
+        let _ = rlimit::setrlimit(Resource::NOFILE, hard, hard);
+    }
+    rlimit::getrlimit(Resource::NOFILE).unwrap().0
+}
+
+const THREADS: usize = 50;
+const PER_THREAD: usize = 20;
+const CHUNK: usize = 16 * 1024;
+
+fn conn_len(id: usize) -> usize {
+    // 64 KiB ..= 256 KiB, deterministic per connection.
+    let r = prng_bytes(id as u64 + 1, 8);
+    let x = u64::from_le_bytes(r.try_into().unwrap()) as usize;
+    64 * 1024 + x % (192 * 1024 + 1)
+}
+
+fn concurrent_busy(mode: &str) {
+    let _serial = serial();
+    raise_nofile();
+    let echo = echo_server("127.0.0.1:0");
+    let relay = Relay::start(&["--forward", mode]);
+    let ready = Arc::new(AtomicUsize::new(0));
+    let total = THREADS * PER_THREAD;
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for t in 0..THREADS {
+        let ready = ready.clone();
+        let (relay_addr, echo_addr) = (relay.addr, echo.addr);
+        handles.push(thread::spawn(move || -> Result<usize, String> {
+            let mut conns: Vec<(TcpStream, Vec<u8>)> = Vec::new();
+            let mut err = None;
+            for i in 0..PER_THREAD {
+                let id = t * PER_THREAD + i;
+                match socks_request(relay_addr, None, CMD_CONNECT, &echo_addr.into()) {
+                    Ok((s, r)) if r.rep == 0 => {
+                        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                        conns.push((s, prng_bytes(0x5CA1E + id as u64, conn_len(id))));
+                    }
+                    Ok((_, r)) => {
+                        err = Some(format!("conn {id}: REP {:#04x}", r.rep));
+                        break;
+                    }
+                    Err(e) => {
+                        err = Some(format!("conn {id}: handshake: {e}"));
+                        break;
+                    }
+                }
+            }
+            // Hold until every thread has all its connections open (bounded).
+            ready.fetch_add(1, Ordering::SeqCst);
+            if let Some(e) = err {
+                return Err(e);
+            }
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while ready.load(Ordering::SeqCst) < THREADS && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5));
+            }
+            let mut got: Vec<Vec<u8>> = conns
+                .iter()
+                .map(|(_, d)| Vec::with_capacity(d.len()))
+                .collect();
+            let max = conns.iter().map(|(_, d)| d.len()).max().unwrap_or(0);
+            let mut off = 0;
+            while off < max {
+                for (s, d) in conns.iter_mut() {
+                    if off < d.len() {
+                        let end = (off + CHUNK).min(d.len());
+                        s.write_all(&d[off..end])
+                            .map_err(|e| format!("thread {t} write: {e}"))?;
+                    }
+                }
+                for ((s, d), g) in conns.iter_mut().zip(got.iter_mut()) {
+                    if off < d.len() {
+                        let end = (off + CHUNK).min(d.len());
+                        let mut buf = vec![0u8; end - off];
+                        s.read_exact(&mut buf)
+                            .map_err(|e| format!("thread {t} read at {off}: {e}"))?;
+                        g.extend_from_slice(&buf);
+                    }
+                }
+                off += CHUNK;
+            }
+            let mut ok = 0;
+            for (i, ((_, d), g)) in conns.iter().zip(got.iter()).enumerate() {
+                if sha256_hex(d) != sha256_hex(g) {
+                    return Err(format!(
+                        "conn {}: checksum mismatch ({} bytes sent)",
+                        t * PER_THREAD + i,
+                        d.len()
+                    ));
+                }
+                ok += 1;
+            }
+            Ok(ok)
+        }));
+    }
+    let mut ok = 0;
+    let mut errors = Vec::new();
+    for h in handles {
+        match h.join().expect("client thread panicked") {
+            Ok(n) => ok += n,
+            Err(e) => errors.push(e),
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "[{mode}] {} client threads failed, first: {:?}",
+        errors.len(),
+        errors.first()
+    );
+    assert_eq!(ok, total, "[{mode}] verified connections");
+    assert!(
+        echo.accepted.load(Ordering::SeqCst) >= total,
+        "[{mode}] echo server saw fewer than {total} connections"
+    );
+    let el = start.elapsed();
+    println!("[{mode}] {total} concurrent tunnels verified in {el:?}");
+    assert!(el < Duration::from_secs(60), "[{mode}] took {el:?}");
+}
+
+#[test]
+fn concurrent_1000_busy_tunnels_splice() {
+    concurrent_busy("splice");
+}
+
+#[test]
+fn concurrent_1000_busy_tunnels_copy() {
+    concurrent_busy("copy");
+}
+
+#[test]
+fn idle_20000_tunnels_then_curl_then_close_splice_and_copy() {
+    // Sequential: two at once would not fit in the file descriptor limit.
+    let _serial = serial();
+    for mode in FORWARD_MODES {
+        idle_tunnels(mode);
+    }
+}
+
+fn idle_tunnels(mode: &str) {
+    let wanted: usize = std::env::var("RINGSOCKS_SCALE_IDLE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    // Both ends of every tunnel live in this process, and the relay (which inherits our
+    // limit) holds two sockets per tunnel. Where the hard RLIMIT_NOFILE cannot be raised
+    // (some sandboxes cap it even for root), scale down to what fits, and say so.
+    let lim = raise_nofile() as usize;
+    let fits = lim.saturating_sub(1024) / 2;
+    let n = wanted.min(fits);
+    if n < wanted {
+        println!(
+            "NOTE: RLIMIT_NOFILE hard limit is {lim} and cannot be raised here: \
+             holding {n} idle tunnels instead of {wanted}"
+        );
+    }
+    assert!(
+        fits >= 5_000,
+        "RLIMIT_NOFILE {lim} allows only {fits} idle tunnels"
+    );
+    // Target on 127.0.0.2 so client->relay and relay->target use distinct 4-tuples.
+    let hold = HoldServer::start("127.0.0.2:0");
+    let http = http_server("127.0.0.1:0").unwrap();
+    let relay = Relay::start(&["--forward", mode]);
+    let start = Instant::now();
+    let workers = 8;
+    let mut handles = Vec::new();
+    for w in 0..workers {
+        let (relay_addr, target) = (relay.addr, hold.addr);
+        let count = n / workers + usize::from(w < n % workers);
+        handles.push(thread::spawn(move || -> io::Result<Vec<TcpStream>> {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut v = Vec::with_capacity(count);
+            for i in 0..count {
+                if Instant::now() > deadline {
+                    return Err(io::Error::other(format!("worker {w}: only {i} in 60 s")));
+                }
+                let (s, r) = socks_request(relay_addr, None, CMD_CONNECT, &target.into())
+                    .map_err(|e| io::Error::other(format!("worker {w} conn {i}: {e}")))?;
+                if r.rep != 0 {
+                    return Err(io::Error::other(format!(
+                        "worker {w} conn {i}: REP {:#04x}",
+                        r.rep
+                    )));
+                }
+                v.push(s);
+            }
+            Ok(v)
+        }));
+    }
+    let mut clients = Vec::with_capacity(n);
+    let mut errors = Vec::new();
+    for h in handles {
+        match h.join().expect("worker panicked") {
+            Ok(v) => clients.extend(v),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "{} workers failed opening idle tunnels; first: {:?}",
+        errors.len(),
+        errors.first()
+    );
+    assert_eq!(clients.len(), n);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while hold.count() < n && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(hold.count() >= n, "target accepted {} of {n}", hold.count());
+    println!("[{mode}] {n} idle tunnels open after {:?}", start.elapsed());
+
+    // The relay still serves new work while holding them.
+    assert_eq!(
+        curl_ok(relay.addr, &format!("http://127.0.0.1:{}/", http.port())),
+        b"hello\n"
+    );
+    // A few of the idle tunnels still accept data (read and discarded below).
+    for i in [0, n / 2, n - 1] {
+        let mut c = &clients[i];
+        c.write_all(b"ping").unwrap();
+    }
+
+    // Close all client sides; the relay must close every outbound connection.
+    drop(clients);
+    let conns = std::mem::take(&mut *hold.conns.lock().unwrap());
+    for c in &conns {
+        c.set_nonblocking(true).unwrap();
+    }
+    let mut open: Vec<TcpStream> = conns;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 64];
+    while !open.is_empty() && Instant::now() < deadline {
+        open.retain(|mut c| loop {
+            match c.read(&mut buf) {
+                Ok(0) => return false,
+                Ok(_) => continue, // the pings
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(_) => return false,
+            }
+        });
+        if !open.is_empty() {
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert!(
+        open.is_empty(),
+        "[{mode}] {} of {n} outbound connections still open 30 s after their clients closed",
+        open.len()
+    );
+    println!("[{mode}] all {n} closed after {:?}", start.elapsed());
+    // And it still works afterwards.
+    assert_eq!(
+        curl_ok(relay.addr, &format!("http://127.0.0.1:{}/", http.port())),
+        b"hello\n"
+    );
+}
