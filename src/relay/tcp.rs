@@ -519,7 +519,10 @@ impl Conn {
 
     fn reject(&mut self, io: &mut Io, out: Vec<u8>) {
         self.phase = Phase::Rejecting;
-        self.target = None;
+        // No op is in flight on the target here (its connect has completed, or none started).
+        if let Some(t) = self.target.take() {
+            io.files.remove(&io.ring, t);
+        }
         if out.is_empty() {
             return self.close(io);
         }
