@@ -1,5 +1,56 @@
-//! Placeholder for the load generator (issue 3).
+//! loadgen: the load generator bundled with ringsocks.
+//!
+//! Measures a SOCKS5 relay (`--proxy`) or the loopback limit without one
+//! (`--direct`) against an in-process target: bulk throughput, ping-pong
+//! latency, connection rate and the memory cost of idle connections. See
+//! README.md for the modes and the JSON fields.
+
+use clap::{Parser, Subcommand};
+use mimalloc::MiMalloc;
+
+#[global_allocator]
+static GLOBAL: MiMalloc = MiMalloc;
+
+mod common;
+mod cps;
+mod idle;
+mod latency;
+mod serve;
+mod sys;
+mod throughput;
+
+#[derive(Parser, Debug)]
+#[command(name = "loadgen", version, about = "Load generator for SOCKS5 relays")]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand, Debug)]
+enum Mode {
+    /// Run the target servers (TCP echo/discard/source, UDP echo)
+    Serve(serve::Args),
+    /// Bulk transfer over N parallel CONNECT streams
+    TcpThroughput(throughput::Args),
+    /// Ping-pong round-trip latency (closed loop, or open loop with --rate)
+    TcpLatency(latency::Args),
+    /// Connections per second: connect, handshake, 1-byte echo, close
+    TcpCps(cps::Args),
+    /// Memory and fds the relay spends on idle connections
+    Idle(idle::Args),
+}
+
 fn main() {
-    eprintln!("loadgen: not built yet");
-    std::process::exit(2);
+    let cli = Cli::parse();
+    let r = match &cli.mode {
+        Mode::Serve(a) => serve::run(a),
+        Mode::TcpThroughput(a) => throughput::run(a),
+        Mode::TcpLatency(a) => latency::run(a),
+        Mode::TcpCps(a) => cps::run(a),
+        Mode::Idle(a) => idle::run(a),
+    };
+    if let Err(e) = r {
+        eprintln!("loadgen: {e}");
+        std::process::exit(1);
+    }
 }
