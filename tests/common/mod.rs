@@ -96,6 +96,17 @@ impl Relay {
     }
 
     pub fn try_start(args: &[&str]) -> Result<Relay, StartFailure> {
+        Relay::try_start_wrapped(&[], args)
+    }
+
+    /// Like `start`, with the relay run under `wrapper` (e.g. `["prlimit", "--nofile=64"]`), a
+    /// command that execs the relay so that the PID stays the relay's.
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Relay {
+        Relay::try_start_wrapped(wrapper, args)
+            .unwrap_or_else(|f| panic!("relay {wrapper:?} {args:?} failed to start: {f:?}"))
+    }
+
+    fn try_start_wrapped(wrapper: &[&str], args: &[&str]) -> Result<Relay, StartFailure> {
         let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let listens = args.iter().filter(|a| **a == "--listen").count();
         if listens == 0 {
@@ -103,7 +114,15 @@ impl Relay {
             full.push("127.0.0.1:0".into());
         }
         let expected = listens.max(1);
-        let mut child = Command::new(relay_bin())
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(relay_bin());
+                c
+            }
+            None => Command::new(relay_bin()),
+        };
+        let mut child = cmd
             .args(&full)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
