@@ -13,6 +13,7 @@ static GLOBAL: MiMalloc = MiMalloc;
 
 mod common;
 mod cps;
+mod epoll;
 mod idle;
 mod latency;
 mod serve;
