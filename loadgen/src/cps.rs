@@ -291,10 +291,11 @@ fn event_loop(
     let listener = match dst_external {
         Some(_) => None,
         None => {
-            let l = Socket::new(Domain::IPV4, Type::STREAM.nonblocking(), None)?;
-            l.set_reuse_address(true)?;
-            l.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
-            l.listen(4096)?;
+            let l = Socket::from(crate::serve::listen_tcp(SocketAddr::from((
+                [127, 0, 0, 1],
+                0,
+            )))?);
+            l.set_nonblocking(true)?;
             Some(l)
         }
     };

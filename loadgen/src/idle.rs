@@ -56,10 +56,17 @@ pub fn run(a: &Args) -> Result<()> {
     // Our client sockets, the in-process target's accepted ones, slack.
     let want = 2 * a.connections as u64 + 256;
     let nofile = sys::raise_nofile(want)?;
-    if nofile < want {
-        eprintln!("loadgen: warning: RLIMIT_NOFILE is {nofile}, wanted {want}");
-    }
     let external = a.conn.target_addr()?;
+    // Keep fds for /proc reads and the like; the in-process target needs
+    // one fd per connection too.
+    let per_conn = if external.is_some() { 1 } else { 2 };
+    let fit = (nofile.saturating_sub(128) / per_conn) as usize;
+    let want_conns = a.connections.min(fit);
+    if want_conns < a.connections {
+        eprintln!(
+            "loadgen: warning: RLIMIT_NOFILE {nofile} fits only {want_conns} connections; opening that many"
+        );
+    }
     let target = match external {
         Some(_) => None,
         None => Some(Target::start(&Spec {
@@ -72,12 +79,12 @@ pub fn run(a: &Args) -> Result<()> {
     let before = sample(&a.conn.pids);
     let cpu = CpuMeter::start(&a.conn.pids);
     let t0 = Instant::now();
-    let mut conns: Vec<TcpStream> = Vec::with_capacity(a.connections);
+    let mut conns: Vec<TcpStream> = Vec::with_capacity(want_conns);
     let mut failures = Failures::default();
     let mut consecutive = 0;
     let progress_total = Duration::from_secs_f64(a.hold) + Duration::from_secs(4);
     let progress = Progress::start(!a.conn.quiet, progress_total, |t| format!("{t:.0} s"));
-    for _ in 0..a.connections {
+    for _ in 0..want_conns {
         match dialer.dial(dst, false) {
             Ok((s, _)) => {
                 consecutive = 0;
@@ -156,8 +163,10 @@ pub fn run(a: &Args) -> Result<()> {
             rss_per.as_f64().unwrap_or(0.0),
             fds_per.as_f64().unwrap_or(0.0)
         );
-    } else {
+    } else if a.conn.pids.is_empty() {
         summary += "no --pid: relay memory not measured\n";
+    } else {
+        summary += "relay memory: could not read /proc (process gone?)\n";
     }
     if let Some(l) = usage.relay_line(&[("µs/conn to open", opened as f64, 1e6)]) {
         summary += &l;
@@ -171,6 +180,7 @@ pub fn run(a: &Args) -> Result<()> {
             "connections": a.connections,
             "hold": a.hold,
             "rlimit_nofile": nofile,
+            "connections_attempted": want_conns,
         }),
         results: json!({
             "opened": opened,

@@ -104,7 +104,7 @@ fn open_loop(
 ) -> std::io::Result<Outcome> {
     let (tx, rx) = mpsc::channel::<Instant>();
     let mut ws = s.try_clone()?;
-    let end = w.end;
+    let (w_start, end) = (w.start, w.end);
     let sender = thread::Builder::new().name("sender".into()).spawn(
         move || -> std::io::Result<Histogram<u64>> {
             let msg = vec![0x5au8; size];
@@ -116,7 +116,9 @@ fn open_loop(
                     break;
                 }
                 sleep_until(intended);
-                record(&mut lag, intended.elapsed());
+                if intended >= w_start {
+                    record(&mut lag, intended.elapsed());
+                }
                 // Queue first so the reader always finds the send time.
                 if tx.send(intended).is_err() {
                     break;

@@ -14,6 +14,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::common::{loopback_addr, Progress, Report, Result};
 
@@ -98,6 +99,16 @@ pub struct Target {
     pub counters: Arc<Counters>,
 }
 
+/// A listener with a deep accept queue (std's is 128), so bursts of
+/// connects are never dropped and retried a second later.
+pub fn listen_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    Ok(s.into())
+}
+
 pub fn any_port() -> Option<SocketAddr> {
     Some(SocketAddr::from(([127, 0, 0, 1], 0)))
 }
@@ -107,7 +118,7 @@ impl Target {
         let counters = Arc::new(Counters::default());
         let tcp = |addr: Option<SocketAddr>, kind: Kind| -> std::io::Result<_> {
             let Some(addr) = addr else { return Ok(None) };
-            let l = TcpListener::bind(addr)?;
+            let l = listen_tcp(addr)?;
             let local = l.local_addr()?;
             start_pool(l, kind, counters.clone())?;
             Ok(Some(local))
@@ -117,7 +128,7 @@ impl Target {
         let source = tcp(spec.source, Kind::Source)?;
         let hold = match spec.hold {
             Some(addr) => {
-                let l = TcpListener::bind(addr)?;
+                let l = listen_tcp(addr)?;
                 let local = l.local_addr()?;
                 let c = counters.clone();
                 thread::Builder::new()
