@@ -115,7 +115,7 @@ const PBUF_ENTRIES: u16 = 2048;
 const PBUF_SIZE: u32 = 16 * 1024;
 /// Splice-path pipe capacity and how many drained pipes a shard keeps for reuse.
 const PIPE_SIZE: usize = 256 * 1024;
-const PIPE_POOL_IDLE: usize = 256;
+const PIPE_POOL_IDLE: usize = 64;
 const RING_ENTRIES: u32 = 4096;
 /// Fixed-file slots to ask for; the kernel caps a table at RLIMIT_NOFILE.
 const FILE_TABLE_WANT: u32 = 1 << 16;
