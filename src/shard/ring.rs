@@ -232,26 +232,10 @@ impl Ring {
         self.push_plain(opcode::AsyncCancel::new(op.0).build(), OWNER_IGNORE);
     }
 
-    /// Receives into `buf[buf.len()..capacity]`. The buffer is zero-filled to its capacity first
-    /// so that it is always initialised; on completion the caller truncates it to `off + res`.
-    pub fn recv(&mut self, fd: Target, mut buf: Vec<u8>, owner: u64) -> OpId {
-        if buf.capacity() == buf.len() {
-            buf.reserve(512);
-        }
-        let off = buf.len();
-        buf.resize(buf.capacity(), 0);
-        let ptr = buf[off..].as_mut_ptr();
-        let len = (buf.len() - off) as u32;
-        let ud = self.alloc(owner, OpMem::Buf { buf, off });
-        let sqe = on_target!(fd, f => opcode::Recv::new(f, ptr, len).build());
-        // SAFETY: the kernel writes into the Vec's heap block, which moved (without moving the
-        // block) into this op's slot and stays there until the final completion returns it.
-        unsafe { self.push(sqe.user_data(ud)) };
-        OpId(ud)
-    }
-
-    /// Reads from a pipe into `buf[buf.len()..capacity]` (zero-filled first, as in `recv`).
-    pub fn read(&mut self, fd: RawFd, mut buf: Vec<u8>, owner: u64) -> OpId {
+    /// Moves `buf` into a new op slot, ready for the kernel to fill `buf[buf.len()..capacity]`.
+    /// The buffer is zero-filled to its capacity first so that it is always initialised; on
+    /// completion the caller truncates it to `off + res`. Returns (user_data, ptr, len).
+    fn alloc_fill_buf(&mut self, mut buf: Vec<u8>, owner: u64) -> (u64, *mut u8, u32) {
         if buf.capacity() == buf.len() {
             buf.reserve(64);
         }
@@ -259,7 +243,22 @@ impl Ring {
         buf.resize(buf.capacity(), 0);
         let ptr = buf[off..].as_mut_ptr();
         let len = (buf.len() - off) as u32;
-        let ud = self.alloc(owner, OpMem::Buf { buf, off });
+        (self.alloc(owner, OpMem::Buf { buf, off }), ptr, len)
+    }
+
+    /// Receives from a socket into the spare capacity of `buf` (see `alloc_fill_buf`).
+    pub fn recv(&mut self, fd: Target, buf: Vec<u8>, owner: u64) -> OpId {
+        let (ud, ptr, len) = self.alloc_fill_buf(buf, owner);
+        let sqe = on_target!(fd, f => opcode::Recv::new(f, ptr, len).build());
+        // SAFETY: the kernel writes into the Vec's heap block, which moved (without moving the
+        // block) into this op's slot and stays there until the final completion returns it.
+        unsafe { self.push(sqe.user_data(ud)) };
+        OpId(ud)
+    }
+
+    /// Reads from a pipe into the spare capacity of `buf` (see `alloc_fill_buf`).
+    pub fn read(&mut self, fd: RawFd, buf: Vec<u8>, owner: u64) -> OpId {
+        let (ud, ptr, len) = self.alloc_fill_buf(buf, owner);
         let sqe = opcode::Read::new(types::Fd(fd), ptr, len)
             .offset(u64::MAX)
             .build();
