@@ -24,13 +24,14 @@ cargo build --release --bin ringsocks >/dev/null
 
 taskset -c 1 iperf3 -s -p $IPERF_PORT >/dev/null 2>&1 & pids+=($!)
 taskset -c 0 microsocks -i 127.0.0.1 -p 11081 >/dev/null 2>&1 & pids+=($!)
-start_ringsocks() { # mode -> port
-  taskset -c 0 "$BIN" --listen 127.0.0.1:0 --shards 1 --forward "$1" --log-level warn >"$tmp/$1.out" 2>"$tmp/$1.err" &
+declare -A port=([microsocks]=11081)
+for mode in splice copy; do
+  # Started here, not in a $(...) subshell, so that the cleanup trap knows the PID.
+  taskset -c 0 "$BIN" --listen 127.0.0.1:0 --shards 1 --forward "$mode" --log-level warn >"$tmp/$mode.out" 2>"$tmp/$mode.err" &
   pids+=($!)
-  for _ in $(seq 50); do grep -q '^listening' "$tmp/$1.out" 2>/dev/null && break; sleep 0.1; done
-  sed -n 's/^listening .*:\([0-9]*\)$/\1/p' "$tmp/$1.out"
-}
-declare -A port=([microsocks]=11081 [ringsocks-splice]=$(start_ringsocks splice) [ringsocks-copy]=$(start_ringsocks copy))
+  for _ in $(seq 50); do grep -q '^listening' "$tmp/$mode.out" 2>/dev/null && break; sleep 0.1; done
+  port[ringsocks-$mode]=$(sed -n 's/^listening .*:\([0-9]*\)$/\1/p' "$tmp/$mode.out")
+done
 sleep 0.5
 
 gbps() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(round(d["end"]["sum_received"]["bits_per_second"]/1e9,3))'; }

@@ -82,6 +82,8 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
     /// May be zero: close everything at once on shutdown.
     pub drain_timeout: Duration,
+    /// `None`: shards sleep as soon as no completion is ready (the default).
+    pub busy_poll: Option<Duration>,
     pub log_level: tracing::Level,
     /// At least 1.
     pub resolver_threads: usize,
@@ -245,6 +247,16 @@ struct Args {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration, verbatim_doc_comment)]
     drain_timeout: Duration,
 
+    /// Keep polling the ring for DURATION after the last completion before sleeping
+    ///
+    /// Trades CPU for latency: a shard that never sleeps is never woken
+    /// from idle, which removes most of a small message's round-trip time
+    /// through the relay. Each shard burns up to a whole core while its
+    /// connections are active within DURATION of each other. "off" or 0
+    /// (the default) disables it.
+    #[arg(long, value_name = "DURATION", default_value = "off", value_parser = parse_idle_timeout, verbatim_doc_comment)]
+    busy_poll: Duration,
+
     /// Log verbosity (to stderr); RUST_LOG, when set, overrides it
     #[arg(long, value_name = "LEVEL", default_value_t = LogLevel::Info, ignore_case = true)]
     log_level: LogLevel,
@@ -315,6 +327,7 @@ impl Config {
             handshake_timeout: args.handshake_timeout,
             idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
             drain_timeout: args.drain_timeout,
+            busy_poll: (!args.busy_poll.is_zero()).then_some(args.busy_poll),
             log_level: args.log_level.into(),
             resolver_threads: args.resolver_threads,
         })
@@ -577,6 +590,7 @@ mod tests {
         assert_eq!(c.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.idle_timeout, None);
         assert_eq!(c.drain_timeout, Duration::from_secs(10));
+        assert_eq!(c.busy_poll, None);
         assert_eq!(c.log_level, tracing::Level::INFO);
         assert_eq!(c.resolver_threads, 4);
     }

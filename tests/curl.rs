@@ -35,6 +35,20 @@ fn curl_socks5_big_file_sha256_splice_and_copy() {
 }
 
 #[test]
+fn curl_socks5_big_file_with_busy_poll_splice_and_copy() {
+    // --busy-poll changes how a shard waits for completions; bytes must flow exactly as before,
+    // including after the window lapses and the shard sleeps again.
+    let http = http_server("127.0.0.1:0").unwrap();
+    let url = format!("http://127.0.0.1:{}/big", http.port());
+    for mode in FORWARD_MODES {
+        let relay = Relay::start(&["--forward", mode, "--busy-poll", "2ms"]);
+        fetch_big_via("--socks5", relay.addr, &url, &[]);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fetch_big_via("--socks5", relay.addr, &url, &[]);
+    }
+}
+
+#[test]
 fn curl_socks5_hostname_localhost_splice_and_copy() {
     let (http, _v6) = http_server_localhost();
     let url = format!("http://localhost:{}/big", http.port());

@@ -283,8 +283,13 @@ impl Shard {
     fn event_loop(&mut self) -> std::io::Result<()> {
         let mut completions = Vec::with_capacity(1024);
         let mut expired = Vec::new();
+        let busy_poll = self.io.cfg.busy_poll;
+        let mut last_event = Instant::now();
         loop {
-            self.io.ring.submit_and_wait(1)?;
+            match busy_poll {
+                None => self.io.ring.submit_and_wait(1)?,
+                Some(window) => self.busy_wait(window, &mut last_event)?,
+            }
             self.io.now = Instant::now();
             self.io.ring.reap(&mut completions);
             for c in completions.drain(..) {
@@ -318,6 +323,27 @@ impl Shard {
             let _ = self.io.ring.submitter().unregister_buf_ring(BGID);
         }
         Ok(())
+    }
+
+    /// `--busy-poll`: keep running the ring's completions without sleeping until one is ready,
+    /// for up to `window` after the last one; then sleep as usual.
+    fn busy_wait(&mut self, window: Duration, last_event: &mut Instant) -> std::io::Result<()> {
+        // Check the clock only every so many spins: it is the costliest part of a spin.
+        let mut spins = 0u32;
+        loop {
+            self.io.ring.submit_nowait()?;
+            if self.io.ring.has_completions() {
+                *last_event = Instant::now();
+                return Ok(());
+            }
+            spins += 1;
+            if spins % 64 == 0 && last_event.elapsed() >= window {
+                self.io.ring.submit_and_wait(1)?;
+                *last_event = Instant::now();
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// Runs `f` on the connection `t` names (if it still exists), then frees it if it has

@@ -360,6 +360,33 @@ impl Ring {
         }
     }
 
+    /// Submits what is queued and runs deferred completions, without sleeping.
+    pub fn submit_nowait(&mut self) -> io::Result<()> {
+        let queued = self.ring.submission().len() as u32;
+        // SAFETY: no argument pointer is passed; GETEVENTS with min_complete 0 only runs the
+        // ring's deferred task work and returns.
+        let r = unsafe {
+            self.ring.submitter().enter::<libc::sigset_t>(
+                queued,
+                0,
+                io_uring::EnterFlags::GETEVENTS.bits(),
+                None,
+            )
+        };
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// True if completions are waiting to be reaped.
+    pub fn has_completions(&mut self) -> bool {
+        let mut cq = self.ring.completion();
+        cq.sync();
+        !cq.is_empty()
+    }
+
     /// Moves every available completion into `out`, releasing finished op slots.
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
         let mut cq = self.ring.completion();
