@@ -337,7 +337,7 @@ impl Shard {
                 return Ok(());
             }
             spins += 1;
-            if spins % 64 == 0 && last_event.elapsed() >= window {
+            if spins.is_multiple_of(64) && last_event.elapsed() >= window {
                 self.io.ring.submit_and_wait(1)?;
                 *last_event = Instant::now();
                 return Ok(());
