@@ -25,7 +25,7 @@ cargo build --release --bin ringsocks >/dev/null
 taskset -c 1 iperf3 -s -p $IPERF_PORT >/dev/null 2>&1 & pids+=($!)
 taskset -c 0 microsocks -i 127.0.0.1 -p 11081 >/dev/null 2>&1 & pids+=($!)
 declare -A port=([microsocks]=11081)
-for mode in splice copy; do
+for mode in splice copy auto; do
   # Started here, not in a $(...) subshell, so that the cleanup trap knows the PID.
   taskset -c 0 "$BIN" --listen 127.0.0.1:0 --shards 1 --forward "$mode" --log-level warn >"$tmp/$mode.out" 2>"$tmp/$mode.err" &
   pids+=($!)
@@ -43,7 +43,7 @@ run() { # system -> Gbit/s
     taskset -c 1 proxychains4 -q -f "$tmp/pc.conf" iperf3 -c 127.0.0.1 -p $IPERF_PORT -t "$SECS" -J | gbps
   fi
 }
-systems=(direct microsocks ringsocks-splice ringsocks-copy)
+systems=(direct microsocks ringsocks-splice ringsocks-copy ringsocks-auto)
 declare -A runs
 for r in $(seq "$REPS"); do
   n=${#systems[@]}
@@ -54,10 +54,10 @@ for r in $(seq "$REPS"); do
     echo "rep $r $s $v Gbit/s" >&2
   done
 done
-out="results/$(date +%Y-%m-%d)-iperf-single-stream.json"
+out="results/$(date +%Y-%m-%d-%H%M)-iperf-single-stream.json"
 python3 - "$out" "$REPS" "$SECS" "$(uname -r)" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
   "direct=${runs[direct]}" "microsocks=${runs[microsocks]}" \
-  "ringsocks-splice=${runs[ringsocks-splice]}" "ringsocks-copy=${runs[ringsocks-copy]}" <<'PY'
+  "ringsocks-splice=${runs[ringsocks-splice]}" "ringsocks-copy=${runs[ringsocks-copy]}" "ringsocks-auto=${runs[ringsocks-auto]}" <<'PY'
 import json, statistics, sys
 out, reps, secs, kernel, rev = sys.argv[1:6]
 runs = {k: [float(x) for x in v.split()] for k, v in (a.split("=", 1) for a in sys.argv[6:])}
@@ -68,7 +68,7 @@ doc = {"suite": "iperf-single-stream", "command": f"scripts/iperf-proxychains.sh
 json.dump(doc, open(out, "w"), indent=2)
 print("| system | median Gbit/s | x direct | x microsocks | runs |")
 print("|---|---|---|---|---|")
-for k in ["direct", "ringsocks-splice", "ringsocks-copy", "microsocks"]:
+for k in ["direct", "ringsocks-splice", "ringsocks-copy", "ringsocks-auto", "microsocks"]:
     print(f"| {k} | {med[k]:.2f} | {med[k]/med['direct']:.2f} | {med[k]/med['microsocks']:.2f} | {' '.join(f'{x:.2f}' for x in runs[k])} |")
 print(f"\nwritten {out}", file=sys.stderr)
 PY

@@ -30,6 +30,9 @@ pub enum ForwardMode {
     Splice,
     /// recv/send through user-space buffers (a provided-buffer ring).
     Copy,
+    /// Start each direction on copy (cheapest for small messages) and move it to splice once
+    /// it carries bulk data.
+    Auto,
 }
 
 impl fmt::Display for ForwardMode {
@@ -38,6 +41,7 @@ impl fmt::Display for ForwardMode {
         f.write_str(match self {
             ForwardMode::Splice => "splice",
             ForwardMode::Copy => "copy",
+            ForwardMode::Auto => "auto",
         })
     }
 }

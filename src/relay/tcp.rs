@@ -37,6 +37,8 @@ const HIGH_WATER: usize = 16;
 const LOW_WATER: usize = 4;
 /// A handshake never needs more than greeting (257) + auth (513) + request (262) bytes.
 const MAX_HANDSHAKE: usize = 2048;
+/// `--forward auto`: consecutive full receive buffers after which a direction moves to splice.
+const BULK_STREAK: u32 = 4;
 /// How long a rejected client gets to read its error reply.
 const REJECT_LINGER: Duration = Duration::from_secs(5);
 
@@ -52,6 +54,11 @@ enum Phase {
 
 #[derive(Default)]
 struct Dir {
+    /// This direction forwards with splice (else with the buffer ring).
+    splice: bool,
+    /// `--forward auto`: moving to splice once the copy path is drained.
+    switching: bool,
+    full_streak: u32,
     // splice path
     pipe: Option<Pipe>,
     in_pipe: u32,
@@ -551,9 +558,11 @@ impl Conn {
             self.arm_timer(io, idle);
         }
         for d in [C2T, T2C] {
-            match io.cfg.forward {
-                ForwardMode::Splice => self.wait_readable(io, d),
-                ForwardMode::Copy => self.rearm_recv(io, d),
+            if io.cfg.forward == ForwardMode::Splice {
+                self.dirs[d].splice = true;
+                self.wait_readable(io, d);
+            } else {
+                self.rearm_recv(io, d);
             }
         }
     }
@@ -690,7 +699,7 @@ impl Conn {
         };
         let (src, _) = self.dir_fds(d);
         let dir = &mut self.dirs[d];
-        if dir.eof || dir.recv_op.is_some() {
+        if dir.eof || dir.recv_op.is_some() || dir.switching || dir.splice {
             return;
         }
         dir.paused = false;
@@ -720,20 +729,36 @@ impl Conn {
             let Some(bid) = io_uring::cqueue::buffer_select(c.flags) else {
                 return self.close(io);
             };
+            let full = c.res as u32 == io.bufs.as_ref().map_or(0, |b| b.buf_size());
+            let auto = io.cfg.forward == ForwardMode::Auto;
             let dir = &mut self.dirs[d];
             dir.queue.push_back((bid, c.res as u32));
+            dir.full_streak = if full { dir.full_streak + 1 } else { 0 };
             if !dir.sending {
                 self.send_next(io, d);
             }
             let dir = &mut self.dirs[d];
-            if dir.queue.len() >= HIGH_WATER && !dir.paused {
+            let stop_recv = if auto && dir.full_streak >= BULK_STREAK && !dir.switching {
+                // Bulk data: finish what the copy path holds, then continue with splice.
+                dir.switching = true;
+                true
+            } else if dir.queue.len() >= HIGH_WATER && !dir.paused && !dir.switching {
+                dir.paused = true;
+                true
+            } else {
+                false
+            };
+            if stop_recv {
                 if let Some(op) = dir.recv_op {
-                    dir.paused = true;
                     io.ring.cancel_op(op);
                 }
             }
-            if !c.more && !self.dirs[d].paused {
-                self.rearm_recv(io, d);
+            if !c.more {
+                if self.dirs[d].switching {
+                    self.maybe_switch_to_splice(io, d);
+                } else if !self.dirs[d].paused {
+                    self.rearm_recv(io, d);
+                }
             }
             return;
         }
@@ -745,10 +770,18 @@ impl Conn {
                     self.finish_dir(io, d);
                 }
             }
-            r if r == -libc::ENOBUFS => io.starved.push(self.token.with(kind::RECV, d as u8)),
+            r if r == -libc::ENOBUFS => {
+                if self.dirs[d].switching {
+                    self.maybe_switch_to_splice(io, d);
+                } else {
+                    io.starved.push(self.token.with(kind::RECV, d as u8));
+                }
+            }
             r if r == -libc::ECANCELED => {
                 let dir = &self.dirs[d];
-                if dir.queue.len() <= LOW_WATER {
+                if dir.switching {
+                    self.maybe_switch_to_splice(io, d);
+                } else if dir.queue.len() <= LOW_WATER {
                     self.rearm_recv(io, d);
                 }
             }
@@ -784,8 +817,24 @@ impl Conn {
         if dir.eof {
             return self.finish_dir(io, d);
         }
+        if dir.switching {
+            return self.maybe_switch_to_splice(io, d);
+        }
         if dir.paused && dir.recv_op.is_none() && dir.queue.len() <= LOW_WATER {
             self.rearm_recv(io, d);
         }
+    }
+
+    /// `--forward auto`: once the receive has ended and every queued buffer is sent, direction
+    /// `d` continues on the splice path. Nothing received is still in user space by then, so
+    /// no byte can overtake another.
+    fn maybe_switch_to_splice(&mut self, io: &mut Io, d: usize) {
+        let dir = &mut self.dirs[d];
+        if dir.recv_op.is_some() || dir.sending || !dir.queue.is_empty() || dir.eof {
+            return;
+        }
+        dir.switching = false;
+        dir.splice = true;
+        self.wait_readable(io, d);
     }
 }

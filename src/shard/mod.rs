@@ -218,7 +218,9 @@ impl Shard {
         // Splices run in io-wq workers; a small bound keeps them from crowding the cores.
         let _ = ring.submitter().register_iowq_max_workers(&mut [2, 4]);
         let bufs = match spec.cfg.forward {
-            ForwardMode::Copy => Some(bufring::BufRing::new(&ring, BGID, PBUF_ENTRIES, PBUF_SIZE)?),
+            ForwardMode::Copy | ForwardMode::Auto => {
+                Some(bufring::BufRing::new(&ring, BGID, PBUF_ENTRIES, PBUF_SIZE)?)
+            }
             ForwardMode::Splice => None,
         };
         let files = FileTable::new(&ring, FILE_TABLE_WANT);

@@ -919,4 +919,4 @@ pub fn resolve(s: &str) -> Vec<SocketAddr> {
 }
 
 /// The two forwarding modes every forwarding test runs under.
-pub const FORWARD_MODES: [&str; 2] = ["splice", "copy"];
+pub const FORWARD_MODES: [&str; 3] = ["splice", "copy", "auto"];
