@@ -206,9 +206,13 @@ impl Conn {
         }
         self.closing = true;
         self.disarm_timer();
-        io.ring.cancel_fd(self.client_fd());
-        if self.target.is_some() {
-            io.ring.cancel_fd(self.target_fd());
+        // A cancel scans the ring's pending ops, so skip it when nothing is in flight (the
+        // usual case after both directions ended).
+        if self.inflight > 0 {
+            io.ring.cancel_fd(self.client_fd());
+            if self.target.is_some() {
+                io.ring.cancel_fd(self.target_fd());
+            }
         }
         if let Some(bufs) = io.bufs.as_mut() {
             for d in &mut self.dirs {
