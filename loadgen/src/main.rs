@@ -11,11 +11,15 @@ use mimalloc::MiMalloc;
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
+mod chart;
+mod check;
 mod common;
+mod compare;
 mod cps;
 mod epoll;
 mod idle;
 mod latency;
+mod relays;
 mod serve;
 mod sys;
 mod throughput;
@@ -39,6 +43,12 @@ enum Mode {
     TcpCps(cps::Args),
     /// Memory and fds the relay spends on idle connections
     Idle(idle::Args),
+    /// Side-by-side suite: ringsocks (splice, copy), direct, Dante, microsocks
+    Compare(compare::Args),
+    /// Fail when ringsocks' ratios of a compare run fell below the baseline's
+    Check(check::CheckArgs),
+    /// Write results/baseline.json from several compare runs
+    Baseline(check::BaselineArgs),
 }
 
 fn main() {
@@ -49,6 +59,9 @@ fn main() {
         Mode::TcpLatency(a) => latency::run(a),
         Mode::TcpCps(a) => cps::run(a),
         Mode::Idle(a) => idle::run(a),
+        Mode::Compare(a) => compare::run(a),
+        Mode::Check(a) => check::run_check(a),
+        Mode::Baseline(a) => check::run_baseline(a),
     };
     if let Err(e) = r {
         eprintln!("loadgen: {e}");

@@ -1,0 +1,875 @@
+//! compare: the side-by-side suite. ringsocks on both forwarding paths,
+//! direct loopback, Dante and microsocks, each measured on the same
+//! figures, repetitions rotating the order of systems; medians and ratios
+//! to the references of the same run go to a JSON file, to the generated
+//! section of results/README.md and to an SVG chart.
+//!
+//! Every measurement is one run of this same binary in a client mode
+//! (`tcp-throughput`, `tcp-latency`, `tcp-cps`) with `--json -`, pinned
+//! with `--cpu`, so each report is exactly what that mode writes alone.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+use crate::common::Result;
+use crate::relays::{Kind, Relay};
+use crate::sys;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Suite {
+    /// All five systems, ~5 s per measurement after 1 s warmup
+    Full,
+    /// Short (for CI): ringsocks both paths, direct, microsocks; 2 s after 0.5 s warmup
+    Ci,
+}
+
+impl Suite {
+    pub fn name(self) -> &'static str {
+        match self {
+            Suite::Full => "full",
+            Suite::Ci => "ci",
+        }
+    }
+
+    fn kinds(self) -> Vec<Kind> {
+        match self {
+            Suite::Full => Kind::ALL.to_vec(),
+            Suite::Ci => vec![
+                Kind::RingsocksSplice,
+                Kind::RingsocksCopy,
+                Kind::Direct,
+                Kind::Microsocks,
+            ],
+        }
+    }
+
+    /// (duration, warmup) seconds.
+    fn times(self) -> (f64, f64) {
+        match self {
+            Suite::Full => (5.0, 1.0),
+            Suite::Ci => (2.0, 0.5),
+        }
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    #[arg(long, value_enum, default_value_t = Suite::Full)]
+    pub suite: Suite,
+    /// Repetitions; the order of systems rotates on each
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Seconds measured per run (default: 5 for full, 2 for ci)
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Seconds of warmup per run (default: 1 for full, 0.5 for ci)
+    #[arg(long)]
+    pub warmup: Option<f64>,
+    /// Only these systems (repeatable): ringsocks-splice, ringsocks-copy, direct, dante, microsocks
+    #[arg(long = "system", value_name = "NAME")]
+    pub systems: Vec<String>,
+    /// ringsocks binary (default: next to this loadgen binary)
+    #[arg(long, value_name = "PATH")]
+    pub ringsocks: Option<PathBuf>,
+    /// Write the suite JSON here (default: results/<date>-<suite>.json)
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Directory of results/README.md and the chart
+    #[arg(long, default_value = "results", value_name = "DIR")]
+    pub results_dir: PathBuf,
+    /// Do not touch results/README.md nor the chart (CI)
+    #[arg(long)]
+    pub no_readme: bool,
+    /// CPU for the relays
+    #[arg(long, default_value_t = 0)]
+    pub relay_cpu: usize,
+    /// CPU for loadgen and its in-process target
+    #[arg(long, default_value_t = 1)]
+    pub load_cpu: usize,
+}
+
+/// Higher or lower is better.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Better {
+    Higher,
+    Lower,
+}
+
+impl Better {
+    pub fn name(self) -> &'static str {
+        match self {
+            Better::Higher => "higher",
+            Better::Lower => "lower",
+        }
+    }
+}
+
+/// One loadgen run per system and repetition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Measurement {
+    Tput1,
+    Tput16,
+    Bidir,
+    Latency,
+    Cps,
+}
+
+impl Measurement {
+    pub const ALL: [Measurement; 5] = [
+        Measurement::Tput1,
+        Measurement::Tput16,
+        Measurement::Bidir,
+        Measurement::Latency,
+        Measurement::Cps,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Measurement::Tput1 => "tput1",
+            Measurement::Tput16 => "tput16",
+            Measurement::Bidir => "bidir",
+            Measurement::Latency => "latency",
+            Measurement::Cps => "cps",
+        }
+    }
+
+    fn args(self) -> Vec<&'static str> {
+        match self {
+            Measurement::Tput1 => vec!["tcp-throughput", "--streams", "1"],
+            Measurement::Tput16 => vec!["tcp-throughput", "--streams", "16"],
+            Measurement::Bidir => vec!["tcp-throughput", "--streams", "1", "--direction", "both"],
+            Measurement::Latency => vec!["tcp-latency", "--size", "64", "--connections", "1"],
+            Measurement::Cps => vec!["tcp-cps", "--concurrency", "64"],
+        }
+    }
+}
+
+/// A figure of the tables: which run it comes from and where in its report.
+pub struct Figure {
+    pub key: &'static str,
+    pub label: &'static str,
+    pub unit: &'static str,
+    pub better: Better,
+    pub from: Measurement,
+    /// JSON pointer into the report, and a scale.
+    pub pointer: &'static str,
+    pub scale: f64,
+}
+
+pub const FIGURES: [Figure; 9] = [
+    Figure {
+        key: "tput1_gbps",
+        label: "1 stream",
+        unit: "Gbit/s",
+        better: Better::Higher,
+        from: Measurement::Tput1,
+        pointer: "/results/total_gbps",
+        scale: 1.0,
+    },
+    Figure {
+        key: "tput16_gbps",
+        label: "16 streams",
+        unit: "Gbit/s",
+        better: Better::Higher,
+        from: Measurement::Tput16,
+        pointer: "/results/total_gbps",
+        scale: 1.0,
+    },
+    Figure {
+        key: "bidir_gbps",
+        label: "bidir 1+1",
+        unit: "Gbit/s",
+        better: Better::Higher,
+        from: Measurement::Bidir,
+        pointer: "/results/total_gbps",
+        scale: 1.0,
+    },
+    Figure {
+        key: "rtt_p50_us",
+        label: "RTT p50",
+        unit: "µs",
+        better: Better::Lower,
+        from: Measurement::Latency,
+        pointer: "/results/rtt/p50_us",
+        scale: 1.0,
+    },
+    Figure {
+        key: "rtt_p90_us",
+        label: "RTT p90",
+        unit: "µs",
+        better: Better::Lower,
+        from: Measurement::Latency,
+        pointer: "/results/rtt/p90_us",
+        scale: 1.0,
+    },
+    Figure {
+        key: "rtt_p99_us",
+        label: "RTT p99",
+        unit: "µs",
+        better: Better::Lower,
+        from: Measurement::Latency,
+        pointer: "/results/rtt/p99_us",
+        scale: 1.0,
+    },
+    Figure {
+        key: "cps",
+        label: "conn/s",
+        unit: "1/s",
+        better: Better::Higher,
+        from: Measurement::Cps,
+        pointer: "/results/conns_per_sec",
+        scale: 1.0,
+    },
+    Figure {
+        key: "cpu_s_per_gb",
+        label: "relay CPU/GB",
+        unit: "CPU-s/GB",
+        better: Better::Lower,
+        from: Measurement::Tput1,
+        pointer: "/relay_cpu/per_gb",
+        scale: 1.0,
+    },
+    Figure {
+        key: "cpu_us_per_conn",
+        label: "relay CPU/conn",
+        unit: "CPU-µs",
+        better: Better::Lower,
+        from: Measurement::Cps,
+        pointer: "/relay_cpu/per_conn",
+        scale: 1e6,
+    },
+];
+
+pub fn figure(key: &str) -> Option<&'static Figure> {
+    FIGURES.iter().find(|f| f.key == key)
+}
+
+pub fn median(v: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// `base` rotated left by `r`: the order of systems in repetition `r`.
+pub fn rotation<T: Clone>(base: &[T], r: usize) -> Vec<T> {
+    let n = base.len();
+    (0..n).map(|i| base[(i + r) % n].clone()).collect()
+}
+
+/// UTC date `YYYY-MM-DD` of a Unix time (days-from-civil inverse).
+pub fn utc_date(secs: u64) -> String {
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// Runs one loadgen client mode as a child process and returns its report.
+fn run_loadgen(argv: &[String], limit: Duration) -> (Option<Value>, Option<String>) {
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return (None, Some(format!("current_exe: {e}"))),
+    };
+    let child = Command::new(exe)
+        .args(argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => return (None, Some(format!("spawn: {e}"))),
+    };
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let out_t = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_t = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + limit;
+    // Bounded by `limit`, then the child is killed (by its PID).
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Some(st),
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let stdout = out_t.join().unwrap_or_default();
+    let stderr = err_t.join().unwrap_or_default();
+    let report: Option<Value> = serde_json::from_str(&stdout).ok();
+    let error = match status {
+        None => Some(format!("timed out after {:.0} s", limit.as_secs_f64())),
+        Some(st) if !st.success() => Some(
+            stderr
+                .lines()
+                .rev()
+                .find(|l| l.starts_with("loadgen:"))
+                .unwrap_or("failed")
+                .to_string(),
+        ),
+        Some(_) if report.is_none() => Some("no JSON report".into()),
+        Some(_) => None,
+    };
+    (report, error)
+}
+
+pub fn value_at(report: &Value, f: &Figure) -> Option<f64> {
+    report.pointer(f.pointer)?.as_f64().map(|v| v * f.scale)
+}
+
+/// Medians per system and figure, from the `runs` of a suite document.
+pub fn medians(values: &BTreeMap<String, BTreeMap<String, Vec<f64>>>) -> Value {
+    let mut m = serde_json::Map::new();
+    for (sys, figs) in values {
+        let mut o = serde_json::Map::new();
+        for (k, v) in figs {
+            o.insert(k.clone(), json!(median(v)));
+        }
+        m.insert(sys.clone(), Value::Object(o));
+    }
+    Value::Object(m)
+}
+
+/// `"A/B"` ratios (A's median over B's, for every figure) for every system
+/// A but direct loopback and every reference B present (direct loopback and
+/// the peers Dante and microsocks), so each reads "A is x times B".
+pub fn ratios(medians: &Value, present: &[String]) -> Value {
+    let mut out = serde_json::Map::new();
+    for a in present {
+        for b in present {
+            let (Some(ka), Some(kb)) = (Kind::from_name(a), Kind::from_name(b)) else {
+                continue;
+            };
+            if a == b || !kb.is_reference() || ka == Kind::Direct {
+                continue;
+            }
+            let mut o = serde_json::Map::new();
+            for f in &FIGURES {
+                let va = medians[a][f.key].as_f64();
+                let vb = medians[b][f.key].as_f64();
+                let r = match (va, vb) {
+                    (Some(x), Some(y)) if y > 0.0 => json!(x / y),
+                    _ => Value::Null,
+                };
+                o.insert(f.key.into(), r);
+            }
+            out.insert(format!("{a}/{b}"), Value::Object(o));
+        }
+    }
+    Value::Object(out)
+}
+
+pub fn run(a: &Args) -> Result<()> {
+    let wall = Instant::now();
+    if !(1..=50).contains(&a.reps) {
+        return Err("--reps must be 1..=50".into());
+    }
+    if a.reps < 3 {
+        eprintln!("compare: warning: fewer than 3 repetitions; medians are weak");
+    }
+    let (mut duration, mut warmup) = a.suite.times();
+    duration = a.duration.unwrap_or(duration);
+    warmup = a.warmup.unwrap_or(warmup);
+    if !(duration > 0.0 && duration <= 600.0 && (0.0..=60.0).contains(&warmup)) {
+        return Err("--duration must be in (0, 600], --warmup in [0, 60]".into());
+    }
+    let cores = thread::available_parallelism().map_or(1, |n| n.get());
+    let (relay_cpu, load_cpu) = if cores >= 2 {
+        (Some(a.relay_cpu), a.load_cpu)
+    } else {
+        eprintln!("compare: warning: one CPU; relay and load share it");
+        (Some(0), 0)
+    };
+    // Pin ourselves too: all we do between runs is wait.
+    core_affinity::set_for_current(core_affinity::CoreId { id: load_cpu });
+
+    let mut kinds = a.suite.kinds();
+    if !a.systems.is_empty() {
+        let mut want = Vec::new();
+        for s in &a.systems {
+            want.push(Kind::from_name(s).ok_or_else(|| format!("--system {s}: unknown"))?);
+        }
+        kinds.retain(|k| want.contains(k));
+    }
+    let ringsocks = match &a.ringsocks {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("ringsocks"),
+    };
+
+    // Start every relay once; they idle while the others are measured.
+    let mut relays: BTreeMap<&'static str, Relay> = BTreeMap::new();
+    let mut skipped = Vec::new();
+    let mut present: Vec<Kind> = Vec::new();
+    for &k in &kinds {
+        if k == Kind::Direct {
+            present.push(k);
+            continue;
+        }
+        match Relay::start(k, &ringsocks, relay_cpu) {
+            Ok(Some(r)) => {
+                eprintln!(
+                    "compare: {} on {} (pid {}, {})",
+                    k.name(),
+                    r.addr,
+                    r.pid(),
+                    r.version
+                );
+                relays.insert(k.name(), r);
+                present.push(k);
+            }
+            Ok(None) => {
+                eprintln!("compare: {} is not installed: skipped", k.name());
+                skipped.push(json!({"name": k.name(), "reason": "not installed"}));
+            }
+            Err(e) if k.is_ringsocks() => return Err(format!("{}: {e}", k.name()).into()),
+            Err(e) => {
+                eprintln!("compare: {} did not start ({e}): skipped", k.name());
+                skipped.push(json!({"name": k.name(), "reason": e.to_string()}));
+            }
+        }
+    }
+    if present.is_empty() {
+        return Err("no system to measure".into());
+    }
+    let names: Vec<String> = present.iter().map(|k| k.name().to_string()).collect();
+    // One untimed pass over every relay: Dante forks its worker processes
+    // on demand, and the process set must be stable for its CPU figure to
+    // cover every worker; the others get the same treatment for fairness.
+    for r in relays.values() {
+        for m in [Measurement::Cps, Measurement::Tput16] {
+            let mut argv: Vec<String> = m.args().into_iter().map(String::from).collect();
+            argv.extend(
+                [
+                    "--proxy",
+                    &r.addr.to_string(),
+                    "--duration",
+                    "0.7",
+                    "--warmup",
+                    "0",
+                    "--cpu",
+                    &load_cpu.to_string(),
+                    "--quiet",
+                    "--json",
+                    "-",
+                ]
+                .map(String::from),
+            );
+            if let (_, Some(e)) = run_loadgen(&argv, Duration::from_secs(30)) {
+                eprintln!("compare: warm-up of {}: {e}", r.kind.name());
+            }
+        }
+    }
+    thread::sleep(Duration::from_millis(300));
+
+    let limit = Duration::from_secs_f64(duration + warmup + 30.0);
+    let mut runs = Vec::new();
+    let mut orders = Vec::new();
+    let mut values: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+    let total = a.reps * Measurement::ALL.len() * present.len();
+    let mut done = 0;
+    for rep in 0..a.reps {
+        let order = rotation(&present, rep);
+        orders.push(order.iter().map(|k| k.name()).collect::<Vec<_>>());
+        for m in Measurement::ALL {
+            for &k in &order {
+                let mut argv: Vec<String> = m.args().into_iter().map(String::from).collect();
+                let mut pids_before = Vec::new();
+                match relays.get(k.name()) {
+                    None => argv.push("--direct".into()),
+                    Some(r) => {
+                        argv.extend(["--proxy".into(), r.addr.to_string()]);
+                        pids_before = r.pids();
+                        for p in &pids_before {
+                            argv.extend(["--pid".into(), p.to_string()]);
+                        }
+                    }
+                }
+                argv.extend([
+                    "--duration".into(),
+                    duration.to_string(),
+                    "--warmup".into(),
+                    warmup.to_string(),
+                    "--cpu".into(),
+                    load_cpu.to_string(),
+                    "--quiet".into(),
+                    "--json".into(),
+                    "-".into(),
+                ]);
+                let (mut report, error) = run_loadgen(&argv, limit);
+                done += 1;
+                // Dante forks and reaps workers: if its process set changed
+                // during the run, the CPU figure missed some of it.
+                let mut cpu_note = Value::Null;
+                if let Some(r) = relays.get(k.name()) {
+                    if r.pids() != pids_before {
+                        cpu_note = json!("relay process set changed during the run: CPU dropped");
+                        if let Some(rep) = report.as_mut() {
+                            rep["relay_cpu"] = Value::Null;
+                        }
+                    }
+                }
+                let mut line = format!(
+                    "[{done}/{total}] rep {} {:<8} {:<17}",
+                    rep + 1,
+                    m.name(),
+                    k.name()
+                );
+                if let Some(rep_json) = &report {
+                    for f in FIGURES.iter().filter(|f| f.from == m) {
+                        if let Some(v) = value_at(rep_json, f) {
+                            values
+                                .entry(k.name().to_string())
+                                .or_default()
+                                .entry(f.key.to_string())
+                                .or_default()
+                                .push(v);
+                            line += &format!(" {} {}", f.key, fmt_num(v));
+                        }
+                    }
+                }
+                if let Some(e) = &error {
+                    line += &format!("  ERROR {e}");
+                }
+                eprintln!("{line}");
+                runs.push(json!({
+                    "rep": rep + 1,
+                    "system": k.name(),
+                    "measurement": m.name(),
+                    "argv": argv,
+                    "error": error,
+                    "cpu_note": cpu_note,
+                    "report": report,
+                }));
+            }
+        }
+    }
+    let meds = medians(&values);
+    let rats = ratios(&meds, &names);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let date = utc_date(now);
+    let doc = json!({
+        "suite": a.suite.name(),
+        "date": date,
+        "unix_time": now,
+        "command": std::env::args().collect::<Vec<_>>(),
+        "system": sys::system_json(),
+        "params": {
+            "reps": a.reps,
+            "duration": duration,
+            "warmup": warmup,
+            "relay_cpu": relay_cpu,
+            "load_cpu": load_cpu,
+            "orders": orders,
+        },
+        "systems": present.iter().map(|k| match relays.get(k.name()) {
+            Some(r) => r.json(),
+            None => json!({"name": k.name(), "label": k.label(), "command": null, "version": null}),
+        }).collect::<Vec<_>>(),
+        "skipped": skipped,
+        "figures": FIGURES.iter().map(|f| json!({
+            "key": f.key, "label": f.label, "unit": f.unit, "better": f.better.name(),
+            "measurement": f.from.name(),
+        })).collect::<Vec<_>>(),
+        "values": values,
+        "medians": meds,
+        "ratios": rats,
+        "wall_seconds": wall.elapsed().as_secs_f64(),
+        "runs": runs,
+    });
+    drop(relays);
+
+    let json_path = a.json.clone().unwrap_or_else(|| {
+        a.results_dir
+            .join(format!("{date}-{}.json", a.suite.name()))
+    });
+    if let Some(dir) = json_path.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir)?;
+        }
+    }
+    std::fs::write(&json_path, serde_json::to_string_pretty(&doc)? + "\n")
+        .map_err(|e| format!("{}: {e}", json_path.display()))?;
+    let section = markdown(&doc, &json_path, &a.results_dir);
+    println!("{section}");
+    eprintln!(
+        "compare: {} suite in {:.0} s; wrote {}",
+        a.suite.name(),
+        wall.elapsed().as_secs_f64(),
+        json_path.display()
+    );
+    if !a.no_readme {
+        let svg = a.results_dir.join(format!("{}.svg", a.suite.name()));
+        crate::chart::draw(&doc, &svg)?;
+        update_readme(&a.results_dir.join("README.md"), a.suite.name(), &section)?;
+        eprintln!(
+            "compare: wrote {} and the generated section of {}",
+            svg.display(),
+            a.results_dir.join("README.md").display()
+        );
+    }
+    let failed = doc["runs"]
+        .as_array()
+        .map_or(0, |r| r.iter().filter(|x| !x["error"].is_null()).count());
+    if failed > 0 {
+        eprintln!("compare: {failed} run(s) failed (see `error` in the JSON)");
+    }
+    Ok(())
+}
+
+/// 3 significant digits, no exponent.
+pub fn fmt_num(v: f64) -> String {
+    let a = v.abs();
+    if a >= 1000.0 {
+        format!("{v:.0}")
+    } else if a >= 100.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn label_of(doc: &Value, name: &str) -> String {
+    let sys = doc["systems"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == name));
+    let label = Kind::from_name(name).map_or(name, |k| k.label());
+    match sys.and_then(|s| s["version"].as_str()) {
+        Some(v) if !v.starts_with("git") && v != "unknown" => format!("{label} {v}"),
+        _ => label.to_string(),
+    }
+}
+
+/// The generated markdown for one suite document.
+pub fn markdown(doc: &Value, json_path: &Path, results_dir: &Path) -> String {
+    let suite = doc["suite"].as_str().unwrap_or("?");
+    let names: Vec<String> = doc["systems"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["name"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let p = &doc["params"];
+    let json_rel = json_path
+        .strip_prefix(results_dir)
+        .unwrap_or(json_path)
+        .display()
+        .to_string();
+    let mut s = format!(
+        "### Suite `{suite}` ({})\n\n",
+        doc["date"].as_str().unwrap_or("")
+    );
+    s += &format!(
+        "`scripts/bench.sh --suite {suite}`: {} repetitions (order of systems rotated each time), \
+         {} s measured after {} s warmup per run, relays pinned to CPU {} (one shard / worker), \
+         loadgen and its in-process target on CPU {}. Revision {}, kernel {}. Medians; raw runs in \
+         [{json_rel}]({json_rel}). Suite wall time {:.0} s.\n\n",
+        p["reps"],
+        p["duration"],
+        p["warmup"],
+        p["relay_cpu"],
+        p["load_cpu"],
+        doc["system"]["git"].as_str().unwrap_or("?"),
+        doc["system"]["kernel"].as_str().unwrap_or("?"),
+        doc["wall_seconds"].as_f64().unwrap_or(0.0),
+    );
+    if let Some(sk) = doc["skipped"].as_array().filter(|a| !a.is_empty()) {
+        for x in sk {
+            s += &format!(
+                "Skipped: {} ({}).\n",
+                x["name"].as_str().unwrap_or("?"),
+                x["reason"].as_str().unwrap_or("?")
+            );
+        }
+        s.push('\n');
+    }
+    s += &format!("![{suite} suite]({suite}.svg)\n\n");
+    // Medians.
+    s += "| system |";
+    for f in &FIGURES {
+        s += &format!(" {} ({}) |", f.label, f.unit);
+    }
+    s += "\n|---|";
+    for _ in &FIGURES {
+        s += "---|";
+    }
+    s.push('\n');
+    for n in &names {
+        s += &format!("| {} |", label_of(doc, n));
+        for f in &FIGURES {
+            match doc["medians"][n][f.key].as_f64() {
+                Some(v) => s += &format!(" {} |", fmt_num(v)),
+                None => s += " – |",
+            }
+        }
+        s.push('\n');
+    }
+    // Ratios.
+    s += "\nRatios of medians, `A / B` = A's figure divided by B's (for RTT and CPU, above 1 \
+          means A is slower or costlier):\n\n| A / B |";
+    for f in &FIGURES {
+        s += &format!(" {} |", f.label);
+    }
+    s += "\n|---|";
+    for _ in &FIGURES {
+        s += "---|";
+    }
+    s.push('\n');
+    if let Some(r) = doc["ratios"].as_object() {
+        // ringsocks rows first.
+        let mut keys: Vec<&String> = r.keys().collect();
+        keys.sort_by_key(|k| (!k.starts_with("ringsocks"), (*k).clone()));
+        for k in keys {
+            s += &format!("| {k} |");
+            for f in &FIGURES {
+                match r[k][f.key].as_f64() {
+                    Some(v) => s += &format!(" {v:.2} |"),
+                    None => s += " – |",
+                }
+            }
+            s.push('\n');
+        }
+    }
+    s
+}
+
+pub const BEGIN: &str = "<!-- bench:begin -->";
+pub const END: &str = "<!-- bench:end -->";
+
+/// Replaces this suite's block in the generated section of README.md
+/// (between BEGIN and END, appended if absent), keeping other suites'
+/// blocks and every hand-written line outside the markers.
+pub fn splice_readme(text: &str, suite: &str, section: &str) -> String {
+    let (head, generated, tail) = match (text.find(BEGIN), text.find(END)) {
+        (Some(b), Some(e)) if b < e => (
+            &text[..b],
+            &text[b + BEGIN.len()..e],
+            &text[e + END.len()..],
+        ),
+        _ => (text, "", "\n"),
+    };
+    // Blocks are delimited by `<!-- suite:NAME -->` lines.
+    let mut blocks: Vec<(String, String)> = Vec::new();
+    for part in generated.split("<!-- suite:").skip(1) {
+        if let Some((name, body)) = part.split_once(" -->") {
+            blocks.push((name.trim().to_string(), body.trim().to_string()));
+        }
+    }
+    match blocks.iter_mut().find(|(n, _)| n == suite) {
+        Some(b) => b.1 = section.trim().to_string(),
+        None => blocks.push((suite.to_string(), section.trim().to_string())),
+    }
+    blocks.sort_by_key(|(n, _)| if n == "full" { 0 } else { 1 });
+    let mut out = head.to_string();
+    if !out.is_empty() && !out.ends_with("\n\n") {
+        out += if out.ends_with('\n') { "\n" } else { "\n\n" };
+    }
+    out += BEGIN;
+    out += "\n## Side-by-side suite (generated by `scripts/bench.sh`; do not edit by hand)\n\n";
+    for (n, body) in &blocks {
+        out += &format!("<!-- suite:{n} -->\n{body}\n\n");
+    }
+    out += END;
+    out += if tail.is_empty() { "\n" } else { tail };
+    out
+}
+
+fn update_readme(path: &Path, suite: &str, section: &str) -> Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    std::fs::write(path, splice_readme(&text, suite, section))
+        .map_err(|e| format!("{}: {e}", path.display()).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_rotation() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
+        assert_eq!(rotation(&[1, 2, 3], 1), vec![2, 3, 1]);
+        assert_eq!(rotation(&[1, 2, 3], 3), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(utc_date(0), "1970-01-01");
+        assert_eq!(utc_date(951_782_400), "2000-02-29");
+        assert_eq!(utc_date(1_795_531_872), "2026-11-24");
+    }
+
+    #[test]
+    fn readme_keeps_hand_written_parts() {
+        let hand = "# Measured runs\n\nhand text\n";
+        let one = splice_readme(hand, "full", "FULL TABLE\n");
+        assert!(one.starts_with(hand));
+        assert!(one.contains(BEGIN) && one.contains(END) && one.contains("FULL TABLE"));
+        let two = splice_readme(
+            &(one.clone() + "\n## after\nmore hand text\n"),
+            "ci",
+            "CI 1",
+        );
+        assert!(two.contains("FULL TABLE") && two.contains("CI 1"));
+        assert!(two.contains("more hand text") && two.starts_with(hand));
+        let three = splice_readme(&two, "ci", "CI 2");
+        assert!(!three.contains("CI 1") && three.contains("CI 2"));
+        assert!(three.find("FULL TABLE") < three.find("CI 2"));
+        assert_eq!(three.matches(BEGIN).count(), 1);
+        assert_eq!(splice_readme(&three, "ci", "CI 2"), three);
+    }
+
+    #[test]
+    fn ratios_to_references_only() {
+        let meds = json!({
+            "direct": {"tput1_gbps": 20.0},
+            "ringsocks-splice": {"tput1_gbps": 10.0},
+            "microsocks": {"tput1_gbps": 2.0},
+        });
+        let names: Vec<String> = ["direct", "ringsocks-splice", "microsocks"]
+            .map(String::from)
+            .to_vec();
+        let r = ratios(&meds, &names);
+        assert_eq!(r["ringsocks-splice/direct"]["tput1_gbps"], 0.5);
+        assert_eq!(r["ringsocks-splice/microsocks"]["tput1_gbps"], 5.0);
+        assert_eq!(r["microsocks/direct"]["tput1_gbps"], 0.1);
+        assert!(r.get("direct/microsocks").is_none());
+        assert!(r.get("microsocks/ringsocks-splice").is_none());
+        assert!(r["ringsocks-splice/direct"]["cps"].is_null());
+    }
+}

@@ -1,0 +1,463 @@
+//! The systems `loadgen compare` measures: starting each relay pinned to a
+//! CPU, waiting until it accepts, finding the processes whose CPU counts as
+//! the relay's, and stopping it again.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::common::Result;
+
+pub const DANTED: &str = "/usr/sbin/danted";
+pub const MICROSOCKS: &str = "/usr/bin/microsocks";
+
+/// How long a relay may take to start accepting.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Direct,
+    RingsocksSplice,
+    RingsocksCopy,
+    Dante,
+    Microsocks,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::RingsocksSplice,
+        Kind::RingsocksCopy,
+        Kind::Direct,
+        Kind::Dante,
+        Kind::Microsocks,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::RingsocksSplice => "ringsocks-splice",
+            Kind::RingsocksCopy => "ringsocks-copy",
+            Kind::Dante => "dante",
+            Kind::Microsocks => "microsocks",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct loopback",
+            Kind::RingsocksSplice => "ringsocks --forward splice",
+            Kind::RingsocksCopy => "ringsocks --forward copy",
+            Kind::Dante => "Dante (danted -N 1)",
+            Kind::Microsocks => "microsocks",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    pub fn is_ringsocks(self) -> bool {
+        matches!(self, Kind::RingsocksSplice | Kind::RingsocksCopy)
+    }
+
+    /// Direct loopback and the other relays: what ringsocks is compared to.
+    pub fn is_reference(self) -> bool {
+        matches!(self, Kind::Direct | Kind::Dante | Kind::Microsocks)
+    }
+}
+
+/// A relay process started for the suite; stopped (by its PID) on drop.
+pub struct Relay {
+    pub kind: Kind,
+    pub addr: SocketAddr,
+    child: Child,
+    pub command: Vec<String>,
+    pub version: String,
+    _tmp: Option<TempDir>,
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Result<TempDir> {
+        let p = std::env::temp_dir().join(format!("loadgen-{tag}-{}", std::process::id()));
+        fs::create_dir_all(&p)?;
+        Ok(TempDir(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `taskset -c CPU` if taskset exists, else nothing (with a warning once).
+fn pinned(cpu: Option<usize>, bin: &Path, args: &[String]) -> (Command, Vec<String>) {
+    let mut argv: Vec<String> = Vec::new();
+    if let Some(cpu) = cpu {
+        if Path::new("/usr/bin/taskset").exists() {
+            argv.extend(["taskset".into(), "-c".into(), cpu.to_string()]);
+        } else {
+            eprintln!(
+                "compare: warning: no taskset; {} runs unpinned",
+                bin.display()
+            );
+        }
+    }
+    argv.push(bin.display().to_string());
+    argv.extend(args.iter().cloned());
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    // The relay dies with us even if we are killed before Drop runs.
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGTERM as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
+            Ok(())
+        });
+    }
+    (cmd, argv)
+}
+
+/// A free loopback port (bound, then released for the server to take).
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn pkg_version(pkg: &str) -> String {
+    Command::new("dpkg-query")
+        .args(["-W", "-f", "${Version}", pkg])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+impl Relay {
+    /// Starts `kind` pinned to `cpu`. `Ok(None)` means "not installed":
+    /// the suite skips it with a note. Direct loopback has no relay.
+    pub fn start(kind: Kind, ringsocks: &Path, cpu: Option<usize>) -> Result<Option<Relay>> {
+        match kind {
+            Kind::Direct => Err("direct loopback has no relay".into()),
+            Kind::RingsocksSplice | Kind::RingsocksCopy => {
+                let mode = if kind == Kind::RingsocksSplice {
+                    "splice"
+                } else {
+                    "copy"
+                };
+                if !ringsocks.exists() {
+                    return Err(format!(
+                        "{}: not built (cargo build --release)",
+                        ringsocks.display()
+                    )
+                    .into());
+                }
+                let args: Vec<String> = [
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--shards",
+                    "1",
+                    "--forward",
+                    mode,
+                    "--log-level",
+                    "warn",
+                ]
+                .map(String::from)
+                .to_vec();
+                let (mut cmd, argv) = pinned(cpu, ringsocks, &args);
+                let mut child = cmd
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::inherit())
+                    .spawn()?;
+                let out = child.stdout.take().expect("piped stdout");
+                let (tx, rx) = mpsc::channel();
+                // Drains the relay's stdout until it exits.
+                thread::spawn(move || {
+                    for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
+                        let _ = tx.send(line);
+                    }
+                });
+                let mut relay = Relay {
+                    kind,
+                    addr: "127.0.0.1:1".parse().expect("literal"),
+                    child,
+                    command: argv,
+                    version: format!("git {}", git_short()),
+                    _tmp: None,
+                };
+                let deadline = Instant::now() + READY_TIMEOUT;
+                loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match rx.recv_timeout(left) {
+                        Ok(line) => {
+                            if let Some(a) = line.strip_prefix("listening ") {
+                                relay.addr = a.trim().parse()?;
+                                break;
+                            }
+                        }
+                        Err(_) => return Err("ringsocks did not print `listening`".into()),
+                    }
+                }
+                relay.check_is_exec()?;
+                Ok(Some(relay))
+            }
+            Kind::Microsocks => {
+                if !Path::new(MICROSOCKS).exists() {
+                    return Ok(None);
+                }
+                let port = free_port()?;
+                let args = vec![
+                    "-i".into(),
+                    "127.0.0.1".into(),
+                    "-p".into(),
+                    port.to_string(),
+                ];
+                let (mut cmd, argv) = pinned(cpu, Path::new(MICROSOCKS), &args);
+                let child = cmd
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()?;
+                let relay = Relay {
+                    kind,
+                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                    child,
+                    command: argv,
+                    version: pkg_version("microsocks"),
+                    _tmp: None,
+                };
+                relay.wait_accepting()?;
+                relay.check_is_exec()?;
+                Ok(Some(relay))
+            }
+            Kind::Dante => {
+                if !Path::new(DANTED).exists() {
+                    return Ok(None);
+                }
+                let tmp = TempDir::new("dante")?;
+                let port = free_port()?;
+                let conf = tmp.0.join("danted.conf");
+                fs::write(&conf, dante_config(port))?;
+                let conf_s = conf.display().to_string();
+                let v = Command::new(DANTED).args(["-V", "-f", &conf_s]).output()?;
+                if !v.status.success() {
+                    return Err(format!(
+                        "danted -V rejects the config: {}",
+                        String::from_utf8_lossy(&v.stderr).trim()
+                    )
+                    .into());
+                }
+                let args = vec![
+                    "-f".into(),
+                    conf_s,
+                    "-N".into(),
+                    "1".into(),
+                    "-p".into(),
+                    tmp.0.join("danted.pid").display().to_string(),
+                ];
+                let (mut cmd, argv) = pinned(cpu, Path::new(DANTED), &args);
+                let log = fs::File::create(tmp.0.join("danted.log"))?;
+                let child = cmd
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()?;
+                let relay = Relay {
+                    kind,
+                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                    child,
+                    command: argv,
+                    version: pkg_version("dante-server"),
+                    _tmp: Some(tmp),
+                };
+                relay.wait_accepting()?;
+                relay.check_is_exec()?;
+                Ok(Some(relay))
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Every process whose CPU counts as the relay's: the relay itself and
+    /// (for Dante, which forks workers) its descendants. Threads are
+    /// included by /proc/PID/stat itself.
+    pub fn pids(&self) -> Vec<u32> {
+        let mut all = vec![self.pid()];
+        all.extend(descendants(self.pid()));
+        all
+    }
+
+    /// The PID we hold must be the relay, not a wrapper: taskset execs, so
+    /// once the relay accepts, /proc/PID/exe is the relay binary.
+    fn check_is_exec(&self) -> Result<()> {
+        let exe = fs::read_link(format!("/proc/{}/exe", self.pid()))?;
+        let name = exe.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with("taskset") {
+            return Err(format!("pid {} is still taskset", self.pid()).into());
+        }
+        Ok(())
+    }
+
+    fn wait_accepting(&self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        // Bounded by READY_TIMEOUT.
+        while Instant::now() < deadline {
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!("{} did not accept on {}", self.kind.name(), self.addr).into())
+    }
+
+    pub fn json(&self) -> Value {
+        json!({
+            "name": self.kind.name(),
+            "label": self.kind.label(),
+            "command": self.command,
+            "version": self.version,
+            "address": self.addr.to_string(),
+        })
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let kids = descendants(self.pid());
+        // SAFETY: kill(2) with a PID we spawned; no memory is touched.
+        unsafe {
+            libc::kill(self.pid() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // Bounded: 5 s, then SIGKILL.
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                Ok(None) => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+            }
+        }
+        // Dante's workers normally exit with their parent; any left over
+        // are ours (we started their parent): stop them by PID.
+        for k in kids {
+            if fs::metadata(format!("/proc/{k}")).is_ok() {
+                // SAFETY: as above.
+                unsafe {
+                    libc::kill(k as libc::pid_t, libc::SIGTERM);
+                }
+            }
+        }
+    }
+}
+
+/// The Dante configuration of the suite: one internal and external address
+/// on loopback, no authentication, everything allowed.
+pub fn dante_config(port: u16) -> String {
+    format!(
+        "logoutput: stderr\n\
+         internal: 127.0.0.1 port = {port}\n\
+         external: 127.0.0.1\n\
+         clientmethod: none\n\
+         socksmethod: none\n\
+         user.privileged: root\n\
+         user.unprivileged: nobody\n\
+         client pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}\n\
+         socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}\n"
+    )
+}
+
+/// PPID (field 4) from the text of /proc/PID/stat.
+pub fn parse_stat_ppid(stat: &str) -> Option<u32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// All descendants of `pid` (children, their children, ...), by scanning /proc.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut parent_of: Vec<(u32, u32)> = Vec::new();
+    if let Ok(rd) = fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some(pp) = fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|t| parse_stat_ppid(&t))
+            {
+                parent_of.push((p, pp));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    // Bounded: each process is added at most once (the PID tree is a tree).
+    while let Some(p) = frontier.pop() {
+        for &(c, pp) in &parent_of {
+            if pp == p && c != pid && !out.contains(&c) {
+                out.push(c);
+                frontier.push(c);
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+fn git_short() -> String {
+    crate::sys::system_json()["git"]
+        .as_str()
+        .unwrap_or("unknown")
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ppid_with_tricky_comm() {
+        assert_eq!(parse_stat_ppid("42 (a) b) S 7 42 42 0"), Some(7));
+        assert_eq!(parse_stat_ppid("garbage"), None);
+    }
+
+    #[test]
+    fn dante_config_has_the_essentials() {
+        let c = dante_config(1234);
+        assert!(c.contains("internal: 127.0.0.1 port = 1234"));
+        assert!(c.contains("socksmethod: none"));
+        assert!(c.contains("client pass {"));
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for k in Kind::ALL {
+            assert_eq!(Kind::from_name(k.name()), Some(k));
+        }
+    }
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Side-by-side suite: ringsocks (--forward splice and copy), direct loopback, Dante and
+# microsocks, measured with `loadgen compare` (relays on CPU 0, load on CPU 1, order of
+# systems rotated every repetition, medians). Peers that are not installed are skipped.
+#
+#   scripts/bench.sh                       # full suite: ~5 s per measurement, 3 reps (~10 min)
+#   scripts/bench.sh --suite ci            # short suite (CI): 2 s per measurement (~3 min)
+#   scripts/bench.sh --reps 5 --system ringsocks-splice --system direct
+#
+# Writes results/<date>-<suite>.json, results/<suite>.svg and the generated section of
+# results/README.md (pass --no-readme to leave those alone). Options: `loadgen compare --help`.
+# Peers: apt-get install dante-server microsocks
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target=${CARGO_TARGET_DIR:-target}
+cargo build --release -p ringsocks -p loadgen >&2
+exec "$target/release/loadgen" compare --ringsocks "$target/release/ringsocks" "$@"
