@@ -92,6 +92,9 @@ pub struct Args {
     /// CPU for loadgen and its in-process target
     #[arg(long, default_value_t = 1)]
     pub load_cpu: usize,
+    /// Stay in the current network namespace (default: a private one, see README)
+    #[arg(long)]
+    pub no_netns: bool,
 }
 
 /// Higher or lower is better.
@@ -411,6 +414,20 @@ pub fn run(a: &Args) -> Result<()> {
         eprintln!("compare: warning: one CPU; relay and load share it");
         (Some(0), 0)
     };
+    let netns = if a.no_netns {
+        false
+    } else {
+        match crate::relays::enter_private_netns() {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!(
+                    "compare: warning: no private network namespace ({e}); \
+                     runs after relayed tcp-cps may fail to bind for lack of ephemeral ports"
+                );
+                false
+            }
+        }
+    };
     // Pin ourselves too: all we do between runs is wait.
     core_affinity::set_for_current(core_affinity::CoreId { id: load_cpu });
 
@@ -590,6 +607,8 @@ pub fn run(a: &Args) -> Result<()> {
             "warmup": warmup,
             "relay_cpu": relay_cpu,
             "load_cpu": load_cpu,
+            "private_netns": netns,
+            "netns_tcp_max_tw_buckets": if netns { json!(crate::relays::NETNS_MAX_TW) } else { Value::Null },
             "orders": orders,
         },
         "systems": present.iter().map(|k| match relays.get(k.name()) {

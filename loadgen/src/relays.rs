@@ -376,6 +376,40 @@ impl Drop for Relay {
     }
 }
 
+/// Most TIME_WAIT sockets the suite's private network namespace keeps.
+pub const NETNS_MAX_TW: u32 = 4096;
+
+/// Moves this thread (and every process it spawns afterwards) into a new,
+/// private network namespace with only `lo`, up, and at most
+/// `NETNS_MAX_TW` TIME_WAIT sockets. Relayed tcp-cps runs leave one
+/// TIME_WAIT socket per connection on the relay's upstream side (the relay
+/// closes first); tens of thousands of them cover every ephemeral port for
+/// 60 s, and the next run's in-process target cannot bind port 0. The
+/// namespace's own sysctl keeps that from happening without touching the
+/// host's settings, and no other traffic of the machine shares its loopback.
+pub fn enter_private_netns() -> Result<()> {
+    // SAFETY: unshare(2) takes a flag word and touches no memory of ours.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(format!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error()).into());
+    }
+    let ip = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .ok_or("no `ip` (iproute2) to bring lo up")?;
+    let st = Command::new(ip)
+        .args(["link", "set", "lo", "up"])
+        .status()?;
+    if !st.success() {
+        return Err("ip link set lo up failed".into());
+    }
+    // /proc/sys/net is the namespace of the thread that opens it.
+    fs::write(
+        "/proc/sys/net/ipv4/tcp_max_tw_buckets",
+        NETNS_MAX_TW.to_string(),
+    )?;
+    Ok(())
+}
+
 /// The Dante configuration of the suite: one internal and external address
 /// on loopback, no authentication, everything allowed.
 pub fn dante_config(port: u16) -> String {
