@@ -295,6 +295,7 @@ impl Conn {
             kind::CONNECT => self.on_connect(io, c),
             kind::REPLY_SEND | kind::EARLY_SEND => self.on_reply_send(io, t.kind(), c),
             kind::REJECT_SEND => self.on_reject_send(io, c),
+            kind::REJECT_DRAIN => self.on_reject_drain(io, c),
             kind::POLL_IN => self.on_poll_in(io, d, c.res),
             kind::SPLICE_IN => self.on_splice_in(io, d, c.res),
             kind::SPLICE_OUT => self.on_splice_out(io, d, c.res),
@@ -314,6 +315,7 @@ impl Conn {
                 if let (Some(bid), Some(bufs)) =
                     (io_uring::cqueue::buffer_select(c.flags), io.bufs.as_mut())
                 {
+                    bufs.claim();
                     bufs.recycle(bid);
                 }
             }
@@ -543,15 +545,37 @@ impl Conn {
     }
 
     fn on_reject_send(&mut self, io: &mut Io, c: Completion) {
-        if let OpMem::Buf { buf, off } = c.mem {
-            let off = off + c.res.max(0) as usize;
-            if c.res > 0 && off < buf.len() {
-                let fd = self.client_fd();
-                return self.send(io, fd, buf, off, kind::REJECT_SEND);
-            }
+        let OpMem::Buf { mut buf, off } = c.mem else {
+            return self.close(io);
+        };
+        let off = off + c.res.max(0) as usize;
+        let fd = self.client_fd();
+        if c.res > 0 && off < buf.len() {
+            return self.send(io, fd, buf, off, kind::REJECT_SEND);
         }
-        // Closing sends the FIN; nothing else is owed to a rejected client.
-        self.close(io);
+        if c.res <= 0 {
+            return self.close(io);
+        }
+        // The answer is out. Closing now with unread client bytes would send a reset that can
+        // destroy the answer before the client reads it: send our FIN, then discard what the
+        // client still sends until its EOF (or REJECT_LINGER, armed in `reject`).
+        self.inflight += 1;
+        io.ring
+            .shutdown(fd, libc::SHUT_WR, self.tok(kind::SHUTDOWN, 0));
+        buf.clear();
+        buf.reserve(512);
+        self.recv(io, fd, buf, kind::REJECT_DRAIN);
+    }
+
+    fn on_reject_drain(&mut self, io: &mut Io, c: Completion) {
+        match c.mem {
+            OpMem::Buf { mut buf, .. } if c.res > 0 => {
+                buf.clear();
+                let fd = self.client_fd();
+                self.recv(io, fd, buf, kind::REJECT_DRAIN);
+            }
+            _ => self.close(io),
+        }
     }
 
     // ---- forwarding -----------------------------------------------------------------------
@@ -578,13 +602,14 @@ impl Conn {
         if let Some(p) = dir.pipe.take() {
             io.pipes.give(p);
         }
+        if self.dirs[C2T].done && self.dirs[T2C].done {
+            // Both directions ended: closing sends the last FIN, no shutdown op needed.
+            return self.close(io);
+        }
         let (_, dst) = self.dir_fds(d);
         self.inflight += 1;
         io.ring
             .shutdown(dst, libc::SHUT_WR, self.tok(kind::SHUTDOWN, d as u8));
-        if self.dirs[C2T].done && self.dirs[T2C].done {
-            self.close(io);
-        }
     }
 
     fn io_error(&mut self, io: &mut Io, res: i32) {
@@ -730,9 +755,12 @@ impl Conn {
             self.dirs[d].recv_op = None;
         }
         if c.res > 0 {
-            let Some(bid) = io_uring::cqueue::buffer_select(c.flags) else {
+            let (Some(bid), Some(bufs)) =
+                (io_uring::cqueue::buffer_select(c.flags), io.bufs.as_mut())
+            else {
                 return self.close(io);
             };
+            bufs.claim();
             let full = c.res as u32 == io.bufs.as_ref().map_or(0, |b| b.buf_size());
             let auto = io.cfg.forward == ForwardMode::Auto;
             let dir = &mut self.dirs[d];
@@ -742,8 +770,12 @@ impl Conn {
                 self.send_next(io, d);
             }
             let dir = &mut self.dirs[d];
-            let stop_recv = if auto && dir.full_streak >= BULK_STREAK && !dir.switching {
-                // Bulk data: finish what the copy path holds, then continue with splice.
+            let bulk = dir.full_streak >= BULK_STREAK;
+            let stalled = dir.queue.len() >= HIGH_WATER;
+            let stop_recv = if auto && (bulk || stalled) && !dir.switching {
+                // Bulk data, or a destination that does not keep up: finish what the copy path
+                // holds, then continue with splice, which holds no shared buffers while the
+                // destination is slow.
                 dir.switching = true;
                 true
             } else if dir.queue.len() >= HIGH_WATER && !dir.paused && !dir.switching {
@@ -775,7 +807,9 @@ impl Conn {
                 }
             }
             r if r == -libc::ENOBUFS => {
-                if self.dirs[d].switching {
+                if io.cfg.forward == ForwardMode::Auto {
+                    // The shared pool is empty: this direction needs no pool buffer on splice.
+                    self.dirs[d].switching = true;
                     self.maybe_switch_to_splice(io, d);
                 } else {
                     io.starved.push(self.token.with(kind::RECV, d as u8));
@@ -815,6 +849,11 @@ impl Conn {
         bufs.recycle(bid);
         self.send_next(io, d);
         let dir = &self.dirs[d];
+        if dir.paused && dir.recv_op.is_none() && dir.queue.len() <= LOW_WATER {
+            // Resume below the low-water mark, while the queue still feeds the sends.
+            self.rearm_recv(io, d);
+        }
+        let dir = &self.dirs[d];
         if dir.sending {
             return;
         }
@@ -822,10 +861,7 @@ impl Conn {
             return self.finish_dir(io, d);
         }
         if dir.switching {
-            return self.maybe_switch_to_splice(io, d);
-        }
-        if dir.paused && dir.recv_op.is_none() && dir.queue.len() <= LOW_WATER {
-            self.rearm_recv(io, d);
+            self.maybe_switch_to_splice(io, d);
         }
     }
 

@@ -24,6 +24,8 @@ pub struct BufRing {
     data_layout: Layout,
     /// Our copy of the tail; published to the kernel by `publish`.
     tail: u16,
+    /// Buffers the kernel handed to us and we have not recycled yet.
+    held: u32,
     dirty: bool,
 }
 
@@ -52,6 +54,7 @@ impl BufRing {
             data,
             data_layout,
             tail: 0,
+            held: 0,
             dirty: false,
         };
         // SAFETY: the ring memory is page aligned, sized for `entries`, zeroed (so the tail
@@ -61,6 +64,7 @@ impl BufRing {
                 .register_buf_ring_with_flags(ring_ptr as u64, entries, bgid, 0)?
         };
         for bid in 0..entries {
+            br.held += 1;
             br.recycle(bid);
         }
         br.publish();
@@ -85,9 +89,20 @@ impl BufRing {
         }
     }
 
+    /// Records that a completion handed us a buffer.
+    pub fn claim(&mut self) {
+        self.held += 1;
+    }
+
+    /// Buffers the kernel can still pick from (after the next `publish`).
+    pub fn available(&self) -> u32 {
+        u32::from(self.entries) - self.held
+    }
+
     /// Gives buffer `bid` back to the kernel (visible after the next `publish`).
     pub fn recycle(&mut self, bid: u16) {
         assert!(bid < self.entries);
+        self.held = self.held.saturating_sub(1);
         let mask = self.entries - 1;
         // SAFETY: the index is masked into the ring; the entry at the tail is ours to write
         // until the tail is published (the kernel reads entries only below the tail).
@@ -119,18 +134,13 @@ impl BufRing {
 
 impl Drop for BufRing {
     fn drop(&mut self) {
-        // The ring itself is dropped after this (field order in Shard) or unregistration
-        // happens implicitly when the ring fd closes; only free memory the kernel no longer uses.
-        // SAFETY: allocated in `new` with these layouts. The shard drops its BufRing only after
-        // its ring has no op in flight and after the ring is closed (see Shard::drop order).
+        // SAFETY: allocated in `new` with these layouts. The shard frees this only after its
+        // ring had no op in flight and the group was unregistered (`Shard::event_loop`), and
+        // `Io` declares `ring` before `bufs`, so the ring fd is closed first. If ops could not
+        // be drained, the shard forgets the BufRing instead of dropping it.
         unsafe {
             dealloc(self.ring as *mut u8, self.ring_layout);
             dealloc(self.data, self.data_layout);
         }
     }
-}
-
-/// Returns the buffer view of a receive completion: `len` bytes of buffer `bid`.
-pub fn cqe_buffer_id(flags: u32) -> Option<u16> {
-    io_uring::cqueue::buffer_select(flags)
 }

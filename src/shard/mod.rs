@@ -46,6 +46,7 @@ pub mod kind {
     pub const TIMER: u8 = 13;
     pub const DNS: u8 = 14;
     pub const SHUTDOWN: u8 = 15;
+    pub const REJECT_DRAIN: u8 = 16;
     // Shard-level kinds (slot == SHARD_SLOT).
     pub const ACCEPT: u8 = 32;
     pub const ACCEPT_RETRY: u8 = 33;
@@ -55,18 +56,21 @@ pub mod kind {
     pub const DRAIN: u8 = 37;
 }
 
-const SHARD_SLOT: u32 = u32::MAX;
+/// Slot numbers and generations are 24 bits each: 16M connections per shard, and a slot must
+/// be reused 16M times before a stale token (a timer, a late DNS answer) could match again.
+const FIELD_MASK: u32 = (1 << 24) - 1;
+const SHARD_SLOT: u32 = FIELD_MASK;
 
-/// An owner token: connection slot, slot generation, op kind, and one byte of detail
-/// (direction, timer sequence or listener index).
+/// An owner token: connection slot (24 bits), slot generation (24 bits), op kind, and one byte
+/// of detail (direction, timer sequence or listener index).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Token(pub u64);
 
 impl Token {
-    pub fn new(slot: u32, generation: u16, kind: u8, aux: u8) -> Token {
+    pub fn new(slot: u32, generation: u32, kind: u8, aux: u8) -> Token {
         Token(
-            u64::from(slot)
-                | (u64::from(generation) << 32)
+            u64::from(slot & FIELD_MASK)
+                | (u64::from(generation & FIELD_MASK) << 24)
                 | (u64::from(kind) << 48)
                 | (u64::from(aux) << 56),
         )
@@ -75,10 +79,10 @@ impl Token {
         Token::new(SHARD_SLOT, 0, kind, aux)
     }
     pub fn slot(self) -> u32 {
-        self.0 as u32
+        self.0 as u32 & FIELD_MASK
     }
-    pub fn generation(self) -> u16 {
-        (self.0 >> 32) as u16
+    pub fn generation(self) -> u32 {
+        (self.0 >> 24) as u32 & FIELD_MASK
     }
     pub fn kind(self) -> u8 {
         (self.0 >> 48) as u8
@@ -132,7 +136,7 @@ pub struct ShardSpec {
 }
 
 struct Slot {
-    generation: u16,
+    generation: u32,
     conn: Option<Box<Conn>>,
 }
 
@@ -146,13 +150,15 @@ struct Listener {
 pub struct Shard {
     io: Io,
     slots: Vec<Slot>,
-    free: Vec<u32>,
+    /// Free slots, reused oldest first so that one slot is not recycled at once.
+    free: std::collections::VecDeque<u32>,
     live: usize,
     listeners: Vec<Listener>,
     ctl: std::io::PipeReader,
     stop: Arc<AtomicBool>,
     stopping: bool,
-    wheel_armed: bool,
+    /// When the earliest ring timeout in flight for the wheel fires (None: none in flight).
+    wheel_armed_at: Option<Instant>,
     id: usize,
 }
 
@@ -244,7 +250,7 @@ impl Shard {
                 starved: Vec::new(),
             },
             slots: Vec::new(),
-            free: Vec::new(),
+            free: std::collections::VecDeque::new(),
             live: 0,
             listeners: spec
                 .listeners
@@ -258,7 +264,7 @@ impl Shard {
             ctl: spec.ctl,
             stop: spec.stop,
             stopping: false,
-            wheel_armed: false,
+            wheel_armed_at: None,
             id: spec.id,
         };
         Ok(shard)
@@ -283,6 +289,24 @@ impl Shard {
     }
 
     fn event_loop(&mut self) -> std::io::Result<()> {
+        let result = self.turn_until_stopped();
+        // On every exit, error or not: no op may still use memory that is about to be freed.
+        if self.io.ring.cancel_all_and_wait() {
+            if self.io.bufs.is_some() {
+                let _ = self.io.ring.submitter().unregister_buf_ring(BGID);
+            }
+        } else {
+            warn!(
+                shard = self.id,
+                "ops still in flight at exit; leaking their memory"
+            );
+            self.io.ring.leak_in_flight();
+            std::mem::forget(self.io.bufs.take());
+        }
+        result
+    }
+
+    fn turn_until_stopped(&mut self) -> std::io::Result<()> {
         let mut completions = Vec::with_capacity(1024);
         let mut expired = Vec::new();
         let busy_poll = self.io.cfg.busy_poll;
@@ -302,29 +326,48 @@ impl Shard {
                 self.on_timer(Token(t));
             }
             if let Some(bufs) = self.io.bufs.as_mut() {
-                if bufs.publish() && !self.io.starved.is_empty() {
-                    let starved = std::mem::take(&mut self.io.starved);
-                    for t in starved {
+                bufs.publish();
+                // Re-arm receives that found the pool empty, as many as there are free buffers
+                // (each needs at least one); the rest wait for the next recycled buffers.
+                let free = bufs.available() as usize;
+                if free > 0 && !self.io.starved.is_empty() {
+                    let n = free.min(self.io.starved.len());
+                    let ready: Vec<Token> = self.io.starved.drain(..n).collect();
+                    for t in ready {
                         self.with_conn(t, |c, io| c.rearm_recv(io, t.aux() as usize));
                     }
                 }
             }
-            if !self.io.wheel.is_empty() && !self.wheel_armed {
-                if let Some(wait) = self.io.wheel.next_wait(self.io.now) {
-                    self.io.ring.timeout(wait, Token::shard(kind::WHEEL, 0).0);
-                    self.wheel_armed = true;
-                }
-            }
+            self.arm_wheel();
             if self.stopping && self.live == 0 && self.listeners.iter().all(|l| l.sock.is_none()) {
                 break;
             }
         }
         info!(shard = self.id, "shard stopped");
-        self.io.ring.cancel_all_and_wait();
-        if self.io.bufs.is_some() {
-            let _ = self.io.ring.submitter().unregister_buf_ring(BGID);
-        }
         Ok(())
+    }
+
+    /// Keeps one ring timeout in flight for the wheel's earliest entry. A full scan runs only
+    /// when no timeout is armed; otherwise only entries inserted since the last turn are
+    /// checked, and an extra timeout is armed if one of them is due before the armed one.
+    fn arm_wheel(&mut self) {
+        let now = self.io.now;
+        let new_earliest = self.io.wheel.take_new_earliest();
+        let due = match self.wheel_armed_at {
+            None => match self.io.wheel.next_wait(now) {
+                Some(wait) => now + wait,
+                None => return,
+            },
+            Some(armed) => match new_earliest {
+                Some(t) if t + timer::TICK < armed => t,
+                _ => return,
+            },
+        };
+        let wait = due
+            .saturating_duration_since(now)
+            .max(Duration::from_millis(1));
+        self.io.ring.timeout(wait, Token::shard(kind::WHEEL, 0).0);
+        self.wheel_armed_at = Some(due);
     }
 
     /// `--busy-poll`: keep running the ring's completions without sleeping until one is ready,
@@ -364,8 +407,8 @@ impl Shard {
         if conn.is_finished() {
             let conn = slot.conn.take().expect("checked above");
             conn.release(&mut self.io);
-            slot.generation = slot.generation.wrapping_add(1);
-            self.free.push(t.slot());
+            slot.generation = (slot.generation + 1) & FIELD_MASK;
+            self.free.push_back(t.slot());
             self.live -= 1;
         }
     }
@@ -378,7 +421,8 @@ impl Shard {
         }
         match t.kind() {
             kind::ACCEPT => self.on_accept(t.aux() as usize, c),
-            kind::WHEEL => self.wheel_armed = false,
+            // Any firing may leave the rest of the wheel uncovered: recompute next turn.
+            kind::WHEEL => self.wheel_armed_at = None,
             kind::DNS_WAKE => {
                 let mut answers = Vec::new();
                 self.io
@@ -481,8 +525,15 @@ impl Shard {
     }
 
     fn add_conn(&mut self, sock: Socket) {
-        let idx = match self.free.pop() {
+        let idx = match self.free.pop_front() {
             Some(i) => i,
+            None if self.slots.len() >= SHARD_SLOT as usize => {
+                warn!(
+                    shard = self.id,
+                    "connection table full; dropping a new connection"
+                );
+                return;
+            }
             None => {
                 self.slots.push(Slot {
                     generation: 0,
@@ -521,5 +572,26 @@ impl Shard {
         }
         let at = self.io.now + self.io.cfg.drain_timeout;
         self.io.wheel.insert(at, Token::shard(kind::DRAIN, 0).0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_fields_round_trip_and_stay_apart() {
+        let t = Token::new(FIELD_MASK - 1, FIELD_MASK, kind::SPLICE_OUT, 1);
+        assert_eq!(t.slot(), FIELD_MASK - 1);
+        assert_eq!(t.generation(), FIELD_MASK);
+        assert_eq!(t.kind(), kind::SPLICE_OUT);
+        assert_eq!(t.aux(), 1);
+        let u = t.with(kind::TIMER, 200);
+        assert_eq!((u.slot(), u.generation()), (t.slot(), t.generation()));
+        assert_eq!((u.kind(), u.aux()), (kind::TIMER, 200));
+        assert_eq!(Token::shard(kind::ACCEPT, 3).slot(), SHARD_SLOT);
+        // Generations wrap within their 24 bits without touching the slot.
+        assert_eq!(Token::new(5, FIELD_MASK + 1, 0, 0).generation(), 0);
+        assert_eq!(Token::new(5, FIELD_MASK + 1, 0, 0).slot(), 5);
     }
 }

@@ -179,8 +179,10 @@ impl Ring {
 
     fn push_plain(&mut self, sqe: squeue::Entry, owner: u64) -> OpId {
         let ud = self.alloc(owner, OpMem::None);
-        // SAFETY: the SQE points at no memory, only at fds that the owner keeps open until
-        // this op's final completion (connections close their fds only with no op in flight).
+        // SAFETY: the SQE points at no memory. Its fd (or fixed slot) stays valid until the
+        // op's final completion: connections release fds only with no counted op in flight.
+        // Cancel ops are not counted, but SQEs are consumed in order and a cancel completes
+        // inline at submission, so it runs before any later reuse of the fd number.
         unsafe { self.push(sqe.user_data(ud)) };
         OpId(ud)
     }
@@ -269,7 +271,9 @@ impl Ring {
 
     /// Cancels every op in flight and waits (bounded) until the kernel has completed them all,
     /// so that no op memory is freed while the kernel may still use it.
-    pub fn cancel_all_and_wait(&mut self) {
+    /// Returns false if ops were still in flight after 5 s; the caller must then leak, not
+    /// free, the memory they use (`leak_in_flight`).
+    pub fn cancel_all_and_wait(&mut self) -> bool {
         let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::any().all()).build();
         self.push_plain(sqe, OWNER_IGNORE);
         let mut sink = Vec::new();
@@ -279,6 +283,13 @@ impl Ring {
             self.reap(&mut sink);
             sink.clear();
         }
+        self.in_flight == 0
+    }
+
+    /// Forgets the memory of every op slot, so that nothing the kernel may still touch is
+    /// freed when the ring is dropped.
+    pub fn leak_in_flight(&mut self) {
+        std::mem::forget(std::mem::take(&mut self.slots));
     }
 
     /// Sends `buf[off..]`. A short send returns the buffer with the count in `res`; the caller

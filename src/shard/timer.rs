@@ -16,6 +16,8 @@ pub struct Wheel {
     cursor: u64,
     slots: Vec<Vec<(u64, u64)>>,
     len: usize,
+    /// The earliest tick inserted since `take_new_earliest` was last called.
+    new_earliest: Option<u64>,
 }
 
 impl Wheel {
@@ -25,6 +27,7 @@ impl Wheel {
             cursor: 0,
             slots: (0..SLOTS).map(|_| Vec::new()).collect(),
             len: 0,
+            new_earliest: None,
         }
     }
 
@@ -37,6 +40,7 @@ impl Wheel {
         let tick = (self.tick_of(deadline) + 1).max(self.cursor);
         self.slots[(tick % SLOTS as u64) as usize].push((tick, token));
         self.len += 1;
+        self.new_earliest = Some(self.new_earliest.map_or(tick, |t| t.min(tick)));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -65,12 +69,34 @@ impl Wheel {
         }
     }
 
-    /// How long the ring may sleep before the wheel needs to turn again.
+    /// When the earliest entry inserted since the last call is due (O(1); for deciding whether
+    /// an already armed ring timeout is late for it).
+    pub fn take_new_earliest(&mut self) -> Option<Instant> {
+        self.new_earliest
+            .take()
+            .map(|t| self.start + Duration::from_nanos(t.saturating_mul(TICK.as_nanos() as u64)))
+    }
+
+    /// How long the ring may sleep before the wheel needs to turn again: until the earliest
+    /// entry within the next revolution of slots, so a wheel holding only far deadlines does
+    /// not wake the shard every tick.
     pub fn next_wait(&self, now: Instant) -> Option<Duration> {
         if self.len == 0 {
             return None;
         }
-        let due = self.start + TICK * (self.cursor as u32);
+        let mut next = self.cursor + SLOTS as u64;
+        for i in 0..SLOTS as u64 {
+            let tick = self.cursor + i;
+            let slot = &self.slots[(tick % SLOTS as u64) as usize];
+            if let Some(t) = slot.iter().map(|&(t, _)| t).min() {
+                // An entry for a later revolution still bounds the wait by this slot's turn.
+                next = next.min(t.max(tick));
+                if next == tick {
+                    break;
+                }
+            }
+        }
+        let due = self.start + Duration::from_nanos(next.saturating_mul(TICK.as_nanos() as u64));
         Some(
             due.saturating_duration_since(now)
                 .max(Duration::from_millis(1)),
@@ -105,5 +131,19 @@ mod tests {
         }
         assert_eq!(out, vec![8]);
         assert!(w.is_empty());
+        assert_eq!(w.next_wait(t0), None);
+    }
+
+    #[test]
+    fn sleeps_until_the_earliest_entry() {
+        let t0 = Instant::now();
+        let mut w = Wheel::new(t0);
+        w.insert(t0 + Duration::from_secs(2), 1);
+        w.insert(t0 + Duration::from_millis(500), 2);
+        let wait = w.next_wait(t0).unwrap();
+        assert!(
+            wait >= Duration::from_millis(500) && wait <= Duration::from_millis(520),
+            "{wait:?}"
+        );
     }
 }
