@@ -304,6 +304,11 @@ pub fn run_baseline(a: &BaselineArgs) -> Result<()> {
         let old_t = old
             .as_ref()
             .and_then(|o| o["tolerances"][f.key].clone().into());
+        // A tolerance of null in the existing file means "not checked" (kept).
+        let unchecked = !overrides.contains_key(f.key)
+            && old_t
+                .as_ref()
+                .is_some_and(|t: &Value| t.get("tolerance").is_some_and(Value::is_null));
         let tol = overrides
             .get(f.key)
             .copied()
@@ -313,7 +318,7 @@ pub fn run_baseline(a: &BaselineArgs) -> Result<()> {
             .as_ref()
             .and_then(|t: &Value| t["note"].as_str().map(String::from))
             .unwrap_or_default();
-        if drop > tol * 0.8 {
+        if !unchecked && drop > tol * 0.8 {
             eprintln!(
                 "baseline: warning: {}: a run fell {:.0}% below the median ({worst}), \
                  close to or past the tolerance {:.0}%",
@@ -325,7 +330,7 @@ pub fn run_baseline(a: &BaselineArgs) -> Result<()> {
         tolerances.insert(
             f.key.into(),
             json!({
-                "tolerance": tol,
+                "tolerance": if unchecked { Value::Null } else { json!(tol) },
                 "better": f.better.name(),
                 "observed_max_drop_below_median": (drop * 1000.0).round() / 1000.0,
                 "observed_max_spread": (spread * 1000.0).round() / 1000.0,
@@ -361,9 +366,11 @@ pub fn run_baseline(a: &BaselineArgs) -> Result<()> {
     for f in &FIGURES {
         let t = &doc["tolerances"][f.key];
         println!(
-            "  {:<16} tolerance {:>3.0}%  observed: max drop below median {:>5.1}%, max spread {:>5.1}%",
+            "  {:<16} tolerance {:>9}  observed: max drop below median {:>5.1}%, max spread {:>5.1}%",
             f.key,
-            t["tolerance"].as_f64().unwrap_or(0.0) * 100.0,
+            t["tolerance"]
+                .as_f64()
+                .map_or("unchecked".into(), |x| format!("{:.0}%", x * 100.0)),
             t["observed_max_drop_below_median"].as_f64().unwrap_or(0.0) * 100.0,
             t["observed_max_spread"].as_f64().unwrap_or(0.0) * 100.0
         );
