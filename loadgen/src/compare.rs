@@ -41,6 +41,7 @@ impl Suite {
         match self {
             Suite::Full => Kind::ALL.to_vec(),
             Suite::Ci => vec![
+                Kind::RingsocksAuto,
                 Kind::RingsocksSplice,
                 Kind::RingsocksCopy,
                 Kind::Direct,
@@ -71,7 +72,7 @@ pub struct Args {
     /// Seconds of warmup per run (default: 1 for full, 0.5 for ci)
     #[arg(long)]
     pub warmup: Option<f64>,
-    /// Only these systems (repeatable): ringsocks-splice, ringsocks-copy, direct, dante, microsocks
+    /// Only these systems (repeatable): ringsocks-auto, ringsocks-splice, ringsocks-copy, direct, dante, microsocks
     #[arg(long = "system", value_name = "NAME")]
     pub systems: Vec<String>,
     /// ringsocks binary (default: next to this loadgen binary)

@@ -27,12 +27,14 @@ pub enum Kind {
     Direct,
     RingsocksSplice,
     RingsocksCopy,
+    RingsocksAuto,
     Dante,
     Microsocks,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
+        Kind::RingsocksAuto,
         Kind::RingsocksSplice,
         Kind::RingsocksCopy,
         Kind::Direct,
@@ -45,6 +47,7 @@ impl Kind {
             Kind::Direct => "direct",
             Kind::RingsocksSplice => "ringsocks-splice",
             Kind::RingsocksCopy => "ringsocks-copy",
+            Kind::RingsocksAuto => "ringsocks-auto",
             Kind::Dante => "dante",
             Kind::Microsocks => "microsocks",
         }
@@ -55,6 +58,7 @@ impl Kind {
             Kind::Direct => "direct loopback",
             Kind::RingsocksSplice => "ringsocks --forward splice",
             Kind::RingsocksCopy => "ringsocks --forward copy",
+            Kind::RingsocksAuto => "ringsocks --forward auto (default)",
             Kind::Dante => "Dante (danted -N 1)",
             Kind::Microsocks => "microsocks",
         }
@@ -65,7 +69,10 @@ impl Kind {
     }
 
     pub fn is_ringsocks(self) -> bool {
-        matches!(self, Kind::RingsocksSplice | Kind::RingsocksCopy)
+        matches!(
+            self,
+            Kind::RingsocksSplice | Kind::RingsocksCopy | Kind::RingsocksAuto
+        )
     }
 
     /// Direct loopback and the other relays: what ringsocks is compared to.
@@ -157,11 +164,11 @@ impl Relay {
     pub fn start(kind: Kind, ringsocks: &Path, cpu: Option<usize>) -> Result<Option<Relay>> {
         match kind {
             Kind::Direct => Err("direct loopback has no relay".into()),
-            Kind::RingsocksSplice | Kind::RingsocksCopy => {
-                let mode = if kind == Kind::RingsocksSplice {
-                    "splice"
-                } else {
-                    "copy"
+            Kind::RingsocksSplice | Kind::RingsocksCopy | Kind::RingsocksAuto => {
+                let mode = match kind {
+                    Kind::RingsocksSplice => "splice",
+                    Kind::RingsocksCopy => "copy",
+                    _ => "auto",
                 };
                 if !ringsocks.exists() {
                     return Err(format!(
