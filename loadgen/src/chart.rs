@@ -105,14 +105,7 @@ fn panel(
 
 /// Draws the chart of a suite document to `path`.
 pub fn draw(doc: &Value, path: &Path) -> Result<()> {
-    let systems: Vec<String> = doc["systems"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s["name"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    let systems = crate::compare::system_names(doc);
     let get = |key: &str| -> Vec<f64> {
         systems
             .iter()

@@ -384,6 +384,18 @@ impl Failures {
     pub fn json(&self) -> Value {
         json!({"count": self.count, "first_error": self.first})
     }
+
+    /// The summary line for failures, or nothing when there were none.
+    pub fn summary_line(&self) -> String {
+        if self.count == 0 {
+            return String::new();
+        }
+        format!(
+            "FAILURES: {} ({})\n",
+            self.count,
+            self.first.as_deref().unwrap_or("")
+        )
+    }
 }
 
 #[cfg(test)]

@@ -692,17 +692,22 @@ fn label_of(doc: &Value, name: &str) -> String {
     }
 }
 
-/// The generated markdown for one suite document.
-pub fn markdown(doc: &Value, json_path: &Path, results_dir: &Path) -> String {
-    let suite = doc["suite"].as_str().unwrap_or("?");
-    let names: Vec<String> = doc["systems"]
+/// The names of the systems a suite document measured, in its order.
+pub fn system_names(doc: &Value) -> Vec<String> {
+    doc["systems"]
         .as_array()
         .map(|a| {
             a.iter()
                 .filter_map(|s| s["name"].as_str().map(String::from))
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// The generated markdown for one suite document.
+pub fn markdown(doc: &Value, json_path: &Path, results_dir: &Path) -> String {
+    let suite = doc["suite"].as_str().unwrap_or("?");
+    let names = system_names(doc);
     let p = &doc["params"];
     let json_rel = json_path
         .strip_prefix(results_dir)

@@ -455,11 +455,7 @@ pub fn run(a: &Args) -> Result<()> {
     summary.push('\n');
     summary += &latency_line("setup + 1-byte echo", &total);
     summary.push('\n');
-    if let Some(l) = usage.relay_line(&[("µs/conn", ok as f64, 1e6)]) {
-        summary += &l;
-        summary.push('\n');
-    }
-    summary += &format!("loadgen CPU {:.2} s\n", usage.self_seconds);
+    summary += &usage.summary_lines(&[("µs/conn", ok as f64, 1e6)]);
 
     let report = Report {
         mode: "tcp-cps",

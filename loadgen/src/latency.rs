@@ -280,18 +280,8 @@ pub fn run(a: &Args) -> Result<()> {
         summary += &latency_line("send lag", &lag);
         summary.push('\n');
     }
-    if failures.count > 0 {
-        summary += &format!(
-            "FAILURES: {} ({})\n",
-            failures.count,
-            failures.first.as_deref().unwrap_or("")
-        );
-    }
-    if let Some(l) = usage.relay_line(&[("µs/msg", msgs as f64, 1e6)]) {
-        summary += &l;
-        summary.push('\n');
-    }
-    summary += &format!("loadgen CPU {:.2} s\n", usage.self_seconds);
+    summary += &failures.summary_line();
+    summary += &usage.summary_lines(&[("µs/msg", msgs as f64, 1e6)]);
 
     let report = Report {
         mode: "tcp-latency",

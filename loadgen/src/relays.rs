@@ -159,6 +159,28 @@ fn pkg_version(pkg: &str) -> String {
 }
 
 impl Relay {
+    /// A peer spawned on 127.0.0.1:`port`, once it accepts and is the binary we meant to run.
+    fn ready(
+        kind: Kind,
+        port: u16,
+        child: Child,
+        command: Vec<String>,
+        package: &str,
+        tmp: Option<TempDir>,
+    ) -> Result<Option<Relay>> {
+        let relay = Relay {
+            kind,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            child,
+            command,
+            version: pkg_version(package),
+            _tmp: tmp,
+        };
+        relay.wait_accepting()?;
+        relay.check_is_exec()?;
+        Ok(Some(relay))
+    }
+
     /// Starts `kind` pinned to `cpu`. `Ok(None)` means "not installed":
     /// the suite skips it with a note. Direct loopback has no relay.
     pub fn start(kind: Kind, ringsocks: &Path, cpu: Option<usize>) -> Result<Option<Relay>> {
@@ -244,17 +266,7 @@ impl Relay {
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .spawn()?;
-                let relay = Relay {
-                    kind,
-                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                    child,
-                    command: argv,
-                    version: pkg_version("microsocks"),
-                    _tmp: None,
-                };
-                relay.wait_accepting()?;
-                relay.check_is_exec()?;
-                Ok(Some(relay))
+                Relay::ready(kind, port, child, argv, "microsocks", None)
             }
             Kind::Dante => {
                 if !Path::new(DANTED).exists() {
@@ -288,17 +300,7 @@ impl Relay {
                     .stdout(Stdio::null())
                     .stderr(log)
                     .spawn()?;
-                let relay = Relay {
-                    kind,
-                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                    child,
-                    command: argv,
-                    version: pkg_version("dante-server"),
-                    _tmp: Some(tmp),
-                };
-                relay.wait_accepting()?;
-                relay.check_is_exec()?;
-                Ok(Some(relay))
+                Relay::ready(kind, port, child, argv, "dante-server", Some(tmp))
             }
         }
     }

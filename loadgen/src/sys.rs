@@ -251,6 +251,17 @@ impl CpuUsage {
         obj
     }
 
+    /// The CPU part of a summary: the relay line (when `--pid` was given) and loadgen's own.
+    pub fn summary_lines(&self, per: &[(&str, f64, f64)]) -> String {
+        let mut s = String::new();
+        if let Some(l) = self.relay_line(per) {
+            s += &l;
+            s.push('\n');
+        }
+        s += &format!("loadgen CPU {:.2} s\n", self.self_seconds);
+        s
+    }
+
     /// One summary line, e.g. `relay CPU 1.23 s (24.6% of a core), 0.05 s/GB`.
     pub fn relay_line(&self, per: &[(&str, f64, f64)]) -> Option<String> {
         let cpu = self.relay_seconds?;

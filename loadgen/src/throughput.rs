@@ -251,18 +251,8 @@ pub fn run(a: &Args) -> Result<()> {
     if up && down {
         summary += &format!("total: {:.2} Gbit/s\n", gbps(total));
     }
-    if failures.count > 0 {
-        summary += &format!(
-            "FAILURES: {} ({})\n",
-            failures.count,
-            failures.first.as_deref().unwrap_or("")
-        );
-    }
-    if let Some(l) = usage.relay_line(&[("CPU-s/GB", gb, 1.0)]) {
-        summary += &l;
-        summary.push('\n');
-    }
-    summary += &format!("loadgen CPU {:.2} s\n", usage.self_seconds);
+    summary += &failures.summary_line();
+    summary += &usage.summary_lines(&[("CPU-s/GB", gb, 1.0)]);
 
     let report = Report {
         mode: "tcp-throughput",
