@@ -13,9 +13,7 @@ const CLOSE_WITHIN: Duration = Duration::from_secs(2);
 /// Send greeting (no auth) + `req` raw; return REP and check the relay then closes.
 fn probe_rep(relay: SocketAddr, req: &[u8], what: &str) -> u8 {
     let mut s = connect(relay);
-    s.write_all(&greeting(&[0x00])).unwrap();
-    let mut m = [0u8; 2];
-    s.read_exact(&mut m).unwrap();
+    let m = greet(&mut s, &[0x00]);
     assert_eq!(m, [0x05, 0x00], "{what}: method reply");
     s.write_all(req).unwrap();
     let r = read_reply(&mut s).unwrap_or_else(|e| panic!("{what}: reading reply: {e}"));
@@ -23,6 +21,14 @@ fn probe_rep(relay: SocketAddr, req: &[u8], what: &str) -> u8 {
         assert_closed(&mut s, CLOSE_WITHIN, &format!("{what}: after error reply"));
     }
     r.rep
+}
+
+/// Sends a greeting offering `methods` and returns the server's two-byte method selection.
+fn greet(s: &mut std::net::TcpStream, methods: &[u8]) -> [u8; 2] {
+    s.write_all(&greeting(methods)).unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).unwrap();
+    m
 }
 
 #[test]
@@ -80,9 +86,7 @@ fn rep_08_for_atyp_0x02() {
 fn no_acceptable_method_for_gssapi_only() {
     let relay = Relay::start(&[]);
     let mut s = connect(relay.addr);
-    s.write_all(&greeting(&[0x01])).unwrap();
-    let mut m = [0u8; 2];
-    s.read_exact(&mut m).unwrap();
+    let m = greet(&mut s, &[0x01]);
     assert_eq!(m, [0x05, 0xFF], "greeting offering only GSSAPI");
     assert_closed(&mut s, CLOSE_WITHIN, "after 05 FF");
 }
@@ -91,9 +95,7 @@ fn no_acceptable_method_for_gssapi_only() {
 fn no_acceptable_method_for_no_auth_when_users_configured() {
     let relay = Relay::start(&["--user", "alice:secret"]);
     let mut s = connect(relay.addr);
-    s.write_all(&greeting(&[0x00])).unwrap();
-    let mut m = [0u8; 2];
-    s.read_exact(&mut m).unwrap();
+    let m = greet(&mut s, &[0x00]);
     assert_eq!(m, [0x05, 0xFF]);
     assert_closed(&mut s, CLOSE_WITHIN, "after 05 FF");
 }
@@ -102,9 +104,7 @@ fn no_acceptable_method_for_no_auth_when_users_configured() {
 fn wrong_password_gets_01_01_and_close() {
     let relay = Relay::start(&["--user", "alice:secret"]);
     let mut s = connect(relay.addr);
-    s.write_all(&greeting(&[0x02])).unwrap();
-    let mut m = [0u8; 2];
-    s.read_exact(&mut m).unwrap();
+    let m = greet(&mut s, &[0x02]);
     assert_eq!(m, [0x05, 0x02]);
     s.write_all(&auth_request("alice", "nope")).unwrap();
     let mut r = [0u8; 2];
@@ -285,9 +285,7 @@ fn garbage_is_answered_and_closed_then_relay_still_works() {
     // Request with a bad version after a good greeting.
     {
         let mut s = connect(relay.addr);
-        s.write_all(&greeting(&[0x00])).unwrap();
-        let mut m = [0u8; 2];
-        s.read_exact(&mut m).unwrap();
+        let m = greet(&mut s, &[0x00]);
         assert_eq!(m, [0x05, 0x00]);
         let _ = s.write_all(&[0x04, 0x01, 0x00, 0x01, 127, 0, 0, 1, 0, 80]);
         let (o, _) = wait_closed(&mut s, Duration::from_secs(4));
@@ -330,9 +328,7 @@ fn half_handshake_closed_by_handshake_timeout() {
     // Greeting only.
     let start = Instant::now();
     let mut s = connect(relay.addr);
-    s.write_all(&greeting(&[0x00])).unwrap();
-    let mut m = [0u8; 2];
-    s.read_exact(&mut m).unwrap();
+    let m = greet(&mut s, &[0x00]);
     assert_eq!(m, [0x05, 0x00]);
     assert_closed_by_handshake_timeout(s, start, "greeting only");
     // Partial greeting (1 byte of 3).
@@ -343,8 +339,7 @@ fn half_handshake_closed_by_handshake_timeout() {
     // Partial request.
     let start = Instant::now();
     let mut s = connect(relay.addr);
-    s.write_all(&greeting(&[0x00])).unwrap();
-    s.read_exact(&mut m).unwrap();
+    greet(&mut s, &[0x00]);
     s.write_all(&[0x05, 0x01, 0x00, 0x01, 127]).unwrap();
     assert_closed_by_handshake_timeout(s, start, "partial request");
 }
