@@ -26,7 +26,6 @@ pub struct PipePool {
     free: Vec<Pipe>,
     max_idle: usize,
     pipe_size: usize,
-    created: u64,
 }
 
 impl PipePool {
@@ -35,17 +34,12 @@ impl PipePool {
             free: Vec::new(),
             max_idle,
             pipe_size,
-            created: 0,
         }
     }
 
     /// Bytes one pipe can hold (what a single splice into it may move).
     pub fn pipe_size(&self) -> usize {
         self.pipe_size
-    }
-
-    pub fn created(&self) -> u64 {
-        self.created
     }
 
     pub fn take(&mut self) -> io::Result<Pipe> {
@@ -69,7 +63,6 @@ impl PipePool {
         // size, which still works.
         // SAFETY: fcntl on an fd we own.
         unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, self.pipe_size as libc::c_int) };
-        self.created += 1;
         Ok(pipe)
     }
 

@@ -129,11 +129,6 @@ impl Ring {
         self.ring.submitter()
     }
 
-    /// Ops submitted and not yet finally completed.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight
-    }
-
     fn alloc(&mut self, owner: u64, mem: OpMem) -> u64 {
         let idx = match self.free.pop() {
             Some(i) => {
