@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Side-by-side suite: ringsocks (--forward splice and copy), direct loopback, Dante and
+# Side-by-side suite: ringsocks (--forward auto, splice and copy), direct loopback, Dante and
 # microsocks, measured with `loadgen compare` (relays on CPU 0, load on CPU 1, order of
 # systems rotated every repetition, medians). Peers that are not installed are skipped.
 #
