@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io::IsTerminal;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::proto::udp_assoc::ClientCheck;
 use crate::proto::Users;
 
 /// How relayed bytes move between the client and target sockets.
@@ -93,7 +94,52 @@ pub struct Config {
     pub log_level: tracing::Level,
     /// At least 1.
     pub resolver_threads: usize,
+    /// UDP ASSOCIATE: the IP given to clients in BND.ADDR instead of the control connection's
+    /// local address (NAT, cloud).
+    pub udp_advertise: Option<IpAddr>,
+    pub udp_client_check: ClientCheck,
+    /// Reassemble RFC 1928 fragments (else drop them).
+    pub udp_frag_reassemble: bool,
+    /// At least 5 s (RFC 1928 §7).
+    pub udp_frag_timeout: Duration,
+    pub udp_idle_timeout: Option<Duration>,
 }
+
+/// `--udp-client-check` values (mirrors [`ClientCheck`], whose docs give the rules).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum UdpClientCheck {
+    /// The endpoint named in the request if plausible, else the first sender from the peer IP
+    Strict,
+    /// Any port on the control connection's peer IP
+    PeerIp,
+    /// The first sender from the peer IP, whatever the request said
+    First,
+    /// Any source (clients behind a NAT that changes their IP)
+    Off,
+}
+
+impl From<UdpClientCheck> for ClientCheck {
+    fn from(c: UdpClientCheck) -> ClientCheck {
+        match c {
+            UdpClientCheck::Strict => ClientCheck::Strict,
+            UdpClientCheck::PeerIp => ClientCheck::PeerIp,
+            UdpClientCheck::First => ClientCheck::First,
+            UdpClientCheck::Off => ClientCheck::Off,
+        }
+    }
+}
+
+/// `--udp-frag` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum UdpFrag {
+    /// Reassemble fragmented datagrams (RFC 1928 section 7)
+    Reassemble,
+    /// Drop every datagram with FRAG != 0, as the RFC allows
+    Drop,
+}
+
+/// RFC 1928 §7: the reassembly timer "MUST be no less than 5 seconds".
+pub const MIN_FRAG_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the command line was rejected.
 #[derive(Debug)]
@@ -273,6 +319,47 @@ struct Args {
     /// how many slow lookups can be in flight at once.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_RESOLVER_THREADS, verbatim_doc_comment)]
     resolver_threads: usize,
+
+    /// UDP ASSOCIATE: give clients IP in BND.ADDR
+    ///
+    /// By default the reply carries the local address of the client's
+    /// control connection, which is reachable by construction. Set this
+    /// behind NAT or in clouds where clients must use another address
+    /// (Dante's "external" address for UDP).
+    #[arg(long, value_name = "IP", verbatim_doc_comment)]
+    udp_advertise: Option<IpAddr>,
+
+    /// UDP ASSOCIATE: which sources count as the client
+    ///
+    /// strict: the DST.ADDR:DST.PORT of the request if it is plausible
+    /// (the control connection's IP, or 0.0.0.0/::, with a port);
+    /// otherwise the first datagram from the control connection's IP
+    /// fixes the endpoint. peer-ip: any port on that IP. first: the first
+    /// sender from that IP. off: anyone. Other datagrams are dropped and
+    /// counted.
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "strict",
+        verbatim_doc_comment
+    )]
+    udp_client_check: UdpClientCheck,
+
+    /// UDP ASSOCIATE: reassemble fragmented datagrams, or drop them
+    #[arg(long, value_name = "MODE", default_value = "reassemble")]
+    udp_frag: UdpFrag,
+
+    /// UDP ASSOCIATE: discard an incomplete fragment sequence after DURATION
+    ///
+    /// At least 5s (RFC 1928 section 7).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration, verbatim_doc_comment)]
+    udp_frag_timeout: Duration,
+
+    /// UDP ASSOCIATE: end an association with no datagram either way for DURATION
+    ///
+    /// Ending it closes the control connection. "off" or 0 disables it.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_idle_timeout, verbatim_doc_comment)]
+    udp_idle_timeout: Duration,
 }
 
 impl Config {
@@ -324,6 +411,22 @@ impl Config {
 
         let users = load_users(&args.user, args.users.as_deref())?.map(Arc::new);
 
+        if args.udp_frag_timeout < MIN_FRAG_TIMEOUT {
+            return Err(invalid(format!(
+                "--udp-frag-timeout: at least 5s (RFC 1928 section 7), got {:?}",
+                args.udp_frag_timeout
+            )));
+        }
+        if args
+            .udp_advertise
+            .is_some_and(|ip| ip.is_unspecified() || ip.is_multicast())
+        {
+            return Err(invalid(format!(
+                "--udp-advertise {}: must be an address clients can send to",
+                args.udp_advertise.expect("checked")
+            )));
+        }
+
         Ok(Config {
             listen,
             shards,
@@ -336,6 +439,11 @@ impl Config {
             busy_poll: (!args.busy_poll.is_zero()).then_some(args.busy_poll),
             log_level: args.log_level.into(),
             resolver_threads: args.resolver_threads,
+            udp_advertise: args.udp_advertise,
+            udp_client_check: args.udp_client_check.into(),
+            udp_frag_reassemble: args.udp_frag == UdpFrag::Reassemble,
+            udp_frag_timeout: args.udp_frag_timeout,
+            udp_idle_timeout: (!args.udp_idle_timeout.is_zero()).then_some(args.udp_idle_timeout),
         })
     }
 }
@@ -599,6 +707,47 @@ mod tests {
         assert_eq!(c.busy_poll, None);
         assert_eq!(c.log_level, tracing::Level::INFO);
         assert_eq!(c.resolver_threads, 4);
+        assert_eq!(c.udp_advertise, None);
+        assert_eq!(c.udp_client_check, ClientCheck::Strict);
+        assert!(c.udp_frag_reassemble);
+        assert_eq!(c.udp_frag_timeout, Duration::from_secs(5));
+        assert_eq!(c.udp_idle_timeout, Some(Duration::from_secs(300)));
+    }
+
+    #[test]
+    fn udp_flags() {
+        let c = parse(&[
+            "--udp-advertise",
+            "203.0.113.7",
+            "--udp-client-check",
+            "peer-ip",
+            "--udp-frag",
+            "drop",
+            "--udp-frag-timeout",
+            "7s",
+            "--udp-idle-timeout",
+            "off",
+        ])
+        .unwrap();
+        assert_eq!(c.udp_advertise, Some("203.0.113.7".parse().unwrap()));
+        assert_eq!(c.udp_client_check, ClientCheck::PeerIp);
+        assert!(!c.udp_frag_reassemble);
+        assert_eq!(c.udp_frag_timeout, Duration::from_secs(7));
+        assert_eq!(c.udp_idle_timeout, None);
+        for (mode, want) in [
+            ("strict", ClientCheck::Strict),
+            ("first", ClientCheck::First),
+            ("off", ClientCheck::Off),
+        ] {
+            let c = parse(&["--udp-client-check", mode]).unwrap();
+            assert_eq!(c.udp_client_check, want);
+        }
+        assert!(parse_err(&["--udp-frag-timeout", "4s"]).contains("--udp-frag-timeout"));
+        assert!(parse_err(&["--udp-advertise", "0.0.0.0"]).contains("--udp-advertise"));
+        assert!(matches!(
+            parse(&["--udp-client-check", "loose"]),
+            Err(ConfigError::Clap(_))
+        ));
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod codec;
 pub mod error;
 pub mod server;
 pub mod udp;
+pub mod udp_assoc;
 pub mod wire;
 
 pub use addr::Addr;

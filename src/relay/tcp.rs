@@ -30,6 +30,8 @@ use crate::proto::{self, Addr, Command, RelayError, Rep, ServerHandshake, Step};
 use crate::shard::pipes::Pipe;
 use crate::shard::{kind, Completion, Io, OpId, OpMem, SockHandle, Target, Token};
 
+use super::udp::Assoc;
+
 const C2T: usize = 0;
 const T2C: usize = 1;
 /// Copy path: queued buffers per direction before its receive pauses, and where it resumes.
@@ -50,6 +52,8 @@ enum Phase {
     Replying,
     Forwarding,
     Rejecting,
+    /// UDP ASSOCIATE: the connection is the association's control channel.
+    Udp,
 }
 
 #[derive(Default)]
@@ -79,6 +83,8 @@ pub struct Conn {
     /// An ordinary socket while connecting; moved into the fixed-file table once connected.
     target: Option<SockHandle>,
     peer: Option<SocketAddr>,
+    /// The client connection's local address (BND.ADDR of a UDP association).
+    local: Option<SocketAddr>,
     phase: Phase,
     hs: Option<Box<ServerHandshake>>,
     hs_buf: Vec<u8>,
@@ -97,15 +103,26 @@ pub struct Conn {
     timed_out: bool,
     last_active: std::time::Instant,
     closing: bool,
+    udp: Option<Box<Assoc>>,
+    /// When the association's timer is due (None: not armed).
+    udp_timer_at: Option<std::time::Instant>,
+    /// Why the association ended, for its log line.
+    udp_end: &'static str,
 }
 
 impl Conn {
-    pub fn new(client: SockHandle, peer: Option<SocketAddr>, token: Token) -> Conn {
+    pub fn new(
+        client: SockHandle,
+        peer: Option<SocketAddr>,
+        local: Option<SocketAddr>,
+        token: Token,
+    ) -> Conn {
         Conn {
             token,
             client,
             target: None,
             peer,
+            local,
             phase: Phase::Handshake,
             hs: Some(Box::new(ServerHandshake::new())),
             hs_buf: Vec::new(),
@@ -122,12 +139,15 @@ impl Conn {
             timed_out: false,
             last_active: std::time::Instant::now(),
             closing: false,
+            udp: None,
+            udp_timer_at: None,
+            udp_end: "relay shutting down",
         }
     }
 
     /// True once closing has finished: no op is in flight, so the shard may free everything.
     pub fn is_finished(&self) -> bool {
-        self.closing && self.inflight == 0
+        self.closing && self.inflight == 0 && self.udp.as_ref().is_none_or(|u| u.inflight == 0)
     }
 
     fn tok(&self, k: u8, aux: u8) -> u64 {
@@ -221,6 +241,12 @@ impl Conn {
                 }
             }
         }
+        if self.udp.is_some() {
+            self.log_udp_end();
+        }
+        if let Some(u) = self.udp.as_mut() {
+            u.close(io);
+        }
     }
 
     /// Gives back what the connection still holds, after its last op completed.
@@ -231,6 +257,9 @@ impl Conn {
         );
         if let Some(t) = self.target.take() {
             io.files.remove(&io.ring, t);
+        }
+        if let Some(u) = self.udp.take() {
+            u.release(io);
         }
         for d in &mut self.dirs {
             if let Some(p) = d.pipe.take() {
@@ -276,10 +305,26 @@ impl Conn {
                 }
             }
             Phase::Replying | Phase::Rejecting => self.close(io),
+            Phase::Udp => {
+                self.udp_timer_at = None;
+                let Some(u) = self.udp.as_mut() else {
+                    return self.close(io);
+                };
+                if u.on_timer(io) {
+                    return self.end_udp(io, "idle timeout");
+                }
+                self.arm_udp_timer(io);
+            }
         }
     }
 
     pub fn on_completion(&mut self, io: &mut Io, t: Token, c: Completion) {
+        if matches!(
+            t.kind(),
+            kind::UDP_CRECV | kind::UDP_TRECV | kind::UDP_CSEND | kind::UDP_TSEND
+        ) {
+            return self.on_udp_completion(io, t, c);
+        }
         if !c.more {
             self.inflight -= 1;
         }
@@ -302,6 +347,7 @@ impl Conn {
             kind::POLL_OUT => self.on_poll_out(io, d, c.res),
             kind::RECV => self.on_recv(io, d, c),
             kind::SEND => self.on_send(io, d, c),
+            kind::CTRL_RECV => self.on_ctrl_recv(io, c),
             _ => {}
         }
     }
@@ -315,7 +361,7 @@ impl Conn {
                 if let (Some(bid), Some(bufs)) =
                     (io_uring::cqueue::buffer_select(c.flags), io.bufs.as_mut())
                 {
-                    bufs.claim();
+                    bufs.claim(bid);
                     bufs.recycle(bid);
                 }
             }
@@ -402,6 +448,9 @@ impl Conn {
 
     fn on_request(&mut self, io: &mut Io, req: proto::Request) {
         self.dst = Some(req.dst.clone());
+        if req.cmd == Command::UDP_ASSOCIATE {
+            return self.associate(io, &req.dst);
+        }
         if req.cmd != Command::CONNECT {
             return self.fail(io, RelayError::CommandNotSupported(req.cmd.0));
         }
@@ -416,13 +465,24 @@ impl Conn {
                 self.phase = Phase::Resolving;
                 let t = self.tok(kind::DNS, 0);
                 if let Some(res) = io.dns.lookup(&name, port, t, io.now) {
-                    self.on_resolved(io, res);
+                    self.on_resolved(io, Token(t), res);
                 }
             }
         }
     }
 
-    pub fn on_resolved(&mut self, io: &mut Io, res: Result<crate::dns::Addrs, ResolveError>) {
+    pub fn on_resolved(
+        &mut self,
+        io: &mut Io,
+        t: Token,
+        res: Result<crate::dns::Addrs, ResolveError>,
+    ) {
+        if self.phase == Phase::Udp && !self.closing {
+            if let Some(u) = self.udp.as_mut() {
+                u.on_resolved(io, t.aux(), res);
+            }
+            return;
+        }
         if self.closing || self.phase != Phase::Resolving {
             return;
         }
@@ -512,7 +572,11 @@ impl Conn {
         }
         self.pending_sends -= 1;
         if self.pending_sends == 0 {
-            self.start_forwarding(io);
+            if self.udp.is_some() {
+                self.start_udp(io);
+            } else {
+                self.start_forwarding(io);
+            }
         }
     }
 
@@ -575,6 +639,145 @@ impl Conn {
                 self.recv(io, fd, buf, kind::REJECT_DRAIN);
             }
             _ => self.close(io),
+        }
+    }
+
+    // ---- UDP ASSOCIATE ---------------------------------------------------------------------
+
+    /// Creates the association's sockets on this shard and replies with the client-facing
+    /// socket's address (or `--udp-advertise`).
+    fn associate(&mut self, io: &mut Io, requested: &Addr) {
+        let (Some(local), Some(peer)) = (self.local, self.peer) else {
+            return self.fail(io, RelayError::General("control connection has no address"));
+        };
+        let (csock, tsock, v6) = match super::udp::open_sockets(local) {
+            Ok(s) => s,
+            Err(e) => {
+                info!(client = %self.peer_str(), error = %e, "udp association failed");
+                return self.fail(io, RelayError::General("cannot open UDP sockets"));
+            }
+        };
+        let Some(port) = csock
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .map(|a| a.port())
+        else {
+            return self.fail(io, RelayError::General("UDP socket has no address"));
+        };
+        let bnd = SocketAddr::new(io.cfg.udp_advertise.unwrap_or(local.ip()), port);
+        let csock = io.files.install(&io.ring, csock);
+        let tsock = io.files.install(&io.ring, tsock);
+        self.udp = Some(Box::new(Assoc::new(
+            self.token,
+            csock,
+            tsock,
+            v6,
+            io.cfg.udp_client_check,
+            peer.ip(),
+            requested,
+            bnd,
+            io.now,
+        )));
+        // Control-channel bytes after the request mean nothing: drop them.
+        self.early.clear();
+        let mut out = std::mem::take(&mut self.reply_prefix);
+        proto::codec::encode_reply(Rep::SUCCEEDED, &Addr::Ip(bnd), &mut out);
+        self.phase = Phase::Replying;
+        self.pending_sends = 1;
+        let cfd = self.client_fd();
+        self.send(io, cfd, out, 0, kind::REPLY_SEND);
+    }
+
+    /// The reply is out: start relaying datagrams and watch the control connection.
+    fn start_udp(&mut self, io: &mut Io) {
+        self.phase = Phase::Udp;
+        self.disarm_timer();
+        let Some(u) = self.udp.as_mut() else {
+            return self.close(io);
+        };
+        u.last_active = io.now;
+        u.start(io);
+        let bnd = u.bnd;
+        debug!(client = %self.peer_str(), bnd = %bnd, "udp association");
+        let fd = self.client_fd();
+        self.recv(io, fd, Vec::with_capacity(256), kind::CTRL_RECV);
+        self.arm_udp_timer(io);
+    }
+
+    /// Keeps the connection timer at the association's earliest deadline.
+    fn arm_udp_timer(&mut self, io: &mut Io) {
+        let Some(due) = self.udp.as_ref().and_then(|u| u.next_deadline(io)) else {
+            return;
+        };
+        if self.udp_timer_at.is_some_and(|at| at <= due) {
+            return;
+        }
+        self.udp_timer_at = Some(due);
+        let after = due.saturating_duration_since(io.now);
+        self.arm_timer(io, after);
+    }
+
+    fn on_udp_completion(&mut self, io: &mut Io, t: Token, c: Completion) {
+        let Some(u) = self.udp.as_mut() else {
+            return;
+        };
+        if self.closing {
+            return u.settle(io, &c);
+        }
+        match u.on_completion(io, t, c) {
+            Ok(()) => self.arm_udp_timer(io),
+            Err(reason) => self.end_udp(io, reason),
+        }
+    }
+
+    /// Anything the client sends on the control connection is ignored; its end (EOF, reset)
+    /// ends the association.
+    fn on_ctrl_recv(&mut self, io: &mut Io, c: Completion) {
+        match c.mem {
+            OpMem::Buf { mut buf, .. } if c.res > 0 => {
+                buf.clear();
+                let fd = self.client_fd();
+                self.recv(io, fd, buf, kind::CTRL_RECV);
+            }
+            _ if c.res == 0 => self.end_udp(io, "control connection closed"),
+            _ => self.end_udp(io, "control connection failed"),
+        }
+    }
+
+    /// Re-arms a receive of the association that ran out of buffers.
+    pub fn rearm_udp(&mut self, io: &mut Io, which: u8) {
+        if self.closing {
+            return;
+        }
+        if let Some(u) = self.udp.as_mut() {
+            u.rearm_recv(io, which);
+        }
+    }
+
+    fn end_udp(&mut self, io: &mut Io, reason: &'static str) {
+        self.udp_end = reason;
+        self.close(io);
+    }
+
+    /// The association's one log line, with its counters.
+    fn log_udp_end(&self) {
+        if let Some(u) = self.udp.as_ref() {
+            let reason = self.udp_end;
+            let s = &u.stats;
+            info!(
+                client = %self.peer_str(),
+                udp_client = %u.client().map_or_else(|| "-".to_string(), |a| a.to_string()),
+                bnd = %u.bnd,
+                reason,
+                relayed_out = s.relayed_out,
+                relayed_in = s.relayed_in,
+                dropped_foreign = s.dropped_foreign,
+                dropped_malformed = s.dropped_malformed,
+                dropped_frag = s.dropped_frag,
+                dropped_other = s.dropped_other,
+                "udp association closed"
+            );
         }
     }
 
@@ -760,7 +963,7 @@ impl Conn {
             else {
                 return self.close(io);
             };
-            bufs.claim();
+            bufs.claim(bid);
             let full = c.res as u32 == io.bufs.as_ref().map_or(0, |b| b.buf_size());
             let auto = io.cfg.forward == ForwardMode::Auto;
             let dir = &mut self.dirs[d];

@@ -26,6 +26,8 @@ pub struct BufRing {
     tail: u16,
     /// Buffers the kernel handed to us and we have not recycled yet.
     held: u32,
+    /// One bit per buffer: set while the application owns it (claimed, not yet recycled).
+    owned: Vec<u64>,
     dirty: bool,
 }
 
@@ -55,6 +57,7 @@ impl BufRing {
             data_layout,
             tail: 0,
             held: 0,
+            owned: vec![0; (entries as usize).div_ceil(64)],
             dirty: false,
         };
         // SAFETY: the ring memory is page aligned, sized for `entries`, zeroed (so the tail
@@ -64,7 +67,7 @@ impl BufRing {
                 .register_buf_ring_with_flags(ring_ptr as u64, entries, bgid, 0)?
         };
         for bid in 0..entries {
-            br.held += 1;
+            br.claim(bid);
             br.recycle(bid);
         }
         br.publish();
@@ -89,9 +92,37 @@ impl BufRing {
         }
     }
 
-    /// Records that a completion handed us a buffer.
-    pub fn claim(&mut self) {
+    pub fn entries(&self) -> u16 {
+        self.entries
+    }
+
+    fn owns(&self, bid: u16) -> bool {
+        self.owned[bid as usize / 64] & (1 << (bid % 64)) != 0
+    }
+
+    /// Records that a completion handed us buffer `bid`.
+    pub fn claim(&mut self, bid: u16) {
+        assert!(
+            bid < self.entries && !self.owns(bid),
+            "buffer {bid} claimed twice"
+        );
+        self.owned[bid as usize / 64] |= 1 << (bid % 64);
         self.held += 1;
+    }
+
+    /// The whole of buffer `bid`, which the application owns (claimed and not recycled, and
+    /// not lent to an op: the caller must not call this while a send reads the buffer).
+    pub fn buf_mut(&mut self, bid: u16) -> &mut [u8] {
+        assert!(self.owns(bid), "buffer {bid} is the kernel's");
+        // SAFETY: the buffer lies inside the data block (bid < entries, checked by `owns`'s
+        // index). It is claimed, so the kernel will not pick it for a receive until it is
+        // recycled, and `&mut self` makes this the only live reference into the block.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.data.add(bid as usize * self.buf_size as usize),
+                self.buf_size as usize,
+            )
+        }
     }
 
     /// Buffers the kernel can still pick from (after the next `publish`).
@@ -101,8 +132,10 @@ impl BufRing {
 
     /// Gives buffer `bid` back to the kernel (visible after the next `publish`).
     pub fn recycle(&mut self, bid: u16) {
-        assert!(bid < self.entries);
-        self.held = self.held.saturating_sub(1);
+        // Giving the kernel a buffer twice would let two receives write into it at once.
+        assert!(self.owns(bid), "buffer {bid} recycled twice");
+        self.owned[bid as usize / 64] &= !(1 << (bid % 64));
+        self.held -= 1;
         let mask = self.entries - 1;
         // SAFETY: the index is masked into the ring; the entry at the tail is ours to write
         // until the tail is published (the kernel reads entries only below the tail).

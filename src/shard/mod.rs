@@ -10,6 +10,7 @@ pub mod bufring;
 pub mod files;
 pub mod pipes;
 pub mod ring;
+pub mod sockaddr;
 pub mod sys;
 pub mod timer;
 
@@ -47,6 +48,12 @@ pub mod kind {
     pub const DNS: u8 = 14;
     pub const SHUTDOWN: u8 = 15;
     pub const REJECT_DRAIN: u8 = 16;
+    // UDP ASSOCIATE (aux: 0 = client-facing socket, 1 = target-facing).
+    pub const UDP_CRECV: u8 = 17;
+    pub const UDP_TRECV: u8 = 18;
+    pub const UDP_CSEND: u8 = 19;
+    pub const UDP_TSEND: u8 = 20;
+    pub const CTRL_RECV: u8 = 21;
     // Shard-level kinds (slot == SHARD_SLOT).
     pub const ACCEPT: u8 = 32;
     pub const ACCEPT_RETRY: u8 = 33;
@@ -109,6 +116,12 @@ pub struct Io {
     pub now: Instant,
     /// Copy-path directions whose multishot receive ended with -ENOBUFS.
     pub starved: Vec<Token>,
+    /// UDP datagram buffers (one datagram per buffer).
+    pub ubufs: Option<bufring::BufRing>,
+    /// UDP receives that ended with -ENOBUFS (aux: which socket).
+    pub udp_starved: Vec<Token>,
+    /// Bytes held by fragment reassembly queues on this shard.
+    pub frag_bytes: usize,
 }
 
 /// Provided-buffer group used by the copy path.
@@ -117,6 +130,12 @@ const BGID: u16 = 1;
 /// resident only once used.
 const PBUF_ENTRIES: u16 = 2048;
 const PBUF_SIZE: u32 = 16 * 1024;
+/// UDP buffers: the group, the count and the size: recvmsg header and name area, then room
+/// for the largest datagram (65,535 bytes), rounded to pages. 512 x 68 KiB = 34 MiB of address
+/// space per shard; a small datagram makes only its buffer's first page resident.
+const UDP_BGID: u16 = 2;
+const UDP_BUF_ENTRIES: u16 = 512;
+const UDP_BUF_SIZE: u32 = 68 * 1024;
 /// Splice-path pipe capacity and how many drained pipes a shard keeps for reuse.
 const PIPE_SIZE: usize = 256 * 1024;
 const PIPE_POOL_IDLE: usize = 64;
@@ -142,6 +161,9 @@ struct Slot {
 
 struct Listener {
     sock: Option<Socket>,
+    /// The address connections arrive at, unless the listener is on a wildcard IP (then each
+    /// connection's own local address is looked up).
+    local: Option<SocketAddr>,
     backoff: Duration,
     /// A multishot accept is in flight (false while backing off after an error).
     armed: bool,
@@ -229,6 +251,11 @@ impl Shard {
             }
             ForwardMode::Splice => None,
         };
+        let ubufs = bufring::BufRing::new(&ring, UDP_BGID, UDP_BUF_ENTRIES, UDP_BUF_SIZE)
+            .map_err(
+                |e| warn!(shard = spec.id, error = %e, "no UDP buffer ring; UDP ASSOCIATE off"),
+            )
+            .ok();
         let files = FileTable::new(&ring, FILE_TABLE_WANT);
         debug!(
             shard = spec.id,
@@ -248,6 +275,9 @@ impl Shard {
                 cfg: spec.cfg,
                 now,
                 starved: Vec::new(),
+                ubufs,
+                udp_starved: Vec::new(),
+                frag_bytes: 0,
             },
             slots: Vec::new(),
             free: std::collections::VecDeque::new(),
@@ -256,6 +286,11 @@ impl Shard {
                 .listeners
                 .into_iter()
                 .map(|s| Listener {
+                    local: s
+                        .local_addr()
+                        .ok()
+                        .and_then(|a| a.as_socket())
+                        .filter(|a| !a.ip().is_unspecified()),
                     sock: Some(s),
                     backoff: Duration::ZERO,
                     armed: false,
@@ -295,6 +330,9 @@ impl Shard {
             if self.io.bufs.is_some() {
                 let _ = self.io.ring.submitter().unregister_buf_ring(BGID);
             }
+            if self.io.ubufs.is_some() {
+                let _ = self.io.ring.submitter().unregister_buf_ring(UDP_BGID);
+            }
         } else {
             warn!(
                 shard = self.id,
@@ -302,6 +340,7 @@ impl Shard {
             );
             self.io.ring.leak_in_flight();
             std::mem::forget(self.io.bufs.take());
+            std::mem::forget(self.io.ubufs.take());
         }
         result
     }
@@ -335,6 +374,17 @@ impl Shard {
                     let ready: Vec<Token> = self.io.starved.drain(..n).collect();
                     for t in ready {
                         self.with_conn(t, |c, io| c.rearm_recv(io, t.aux() as usize));
+                    }
+                }
+            }
+            if let Some(ubufs) = self.io.ubufs.as_mut() {
+                ubufs.publish();
+                let free = ubufs.available() as usize;
+                if free > 0 && !self.io.udp_starved.is_empty() {
+                    let n = free.min(self.io.udp_starved.len());
+                    let ready: Vec<Token> = self.io.udp_starved.drain(..n).collect();
+                    for t in ready {
+                        self.with_conn(t, |c, io| c.rearm_udp(io, t.aux()));
                     }
                 }
             }
@@ -430,7 +480,7 @@ impl Shard {
                     .drain(self.io.now, |tok, res| answers.push((tok, res)));
                 for (tok, res) in answers {
                     let tok = Token(tok);
-                    self.with_conn(tok, |conn, io| conn.on_resolved(io, res));
+                    self.with_conn(tok, |conn, io| conn.on_resolved(io, tok, res));
                 }
                 let buf = match c.mem {
                     OpMem::Buf { mut buf, .. } => {
@@ -497,7 +547,7 @@ impl Shard {
             if self.stopping {
                 drop(fd);
             } else {
-                self.add_conn(Socket::from(fd));
+                self.add_conn(Socket::from(fd), i);
             }
         }
         if c.more {
@@ -524,7 +574,7 @@ impl Shard {
         }
     }
 
-    fn add_conn(&mut self, sock: Socket) {
+    fn add_conn(&mut self, sock: Socket, listener: usize) {
         let idx = match self.free.pop_front() {
             Some(i) => i,
             None if self.slots.len() >= SHARD_SLOT as usize => {
@@ -548,8 +598,11 @@ impl Shard {
         // socket moves into the fixed-file table.
         let _ = sock.set_tcp_nodelay(true);
         let peer = sock.peer_addr().ok().and_then(|a| a.as_socket());
+        let local = self.listeners[listener]
+            .local
+            .or_else(|| sock.local_addr().ok().and_then(|a| a.as_socket()));
         let client = self.io.files.install(&self.io.ring, sock);
-        self.slots[idx as usize].conn = Some(Box::new(Conn::new(client, peer, token)));
+        self.slots[idx as usize].conn = Some(Box::new(Conn::new(client, peer, local, token)));
         self.live += 1;
         self.with_conn(token, |conn, io| conn.start(io));
     }

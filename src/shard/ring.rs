@@ -49,7 +49,20 @@ pub enum OpMem {
     Time(Box<types::Timespec>),
     /// A provided buffer that a send reads from (`bid`, bytes `off..end`).
     Pbuf { bid: u16, off: u32, end: u32 },
+    /// A heap datagram and its destination (`send_to`).
+    BufTo {
+        buf: Vec<u8>,
+        addr: Box<socket2::SockAddr>,
+    },
 }
+
+/// `msg_namelen` of the multishot recvmsg template: room for any socket address we receive
+/// (a `sockaddr_in6` is 28 bytes) plus slack, so that a relay can build a reply header and a
+/// destination address in front of the payload without moving it.
+pub const RECVMSG_NAME_LEN: u32 = 64;
+/// Where the payload starts in a multishot recvmsg buffer: `io_uring_recvmsg_out` (16 bytes),
+/// then the name area, then the payload (no control data is asked for).
+pub const RECVMSG_PAYLOAD_OFF: u32 = 16 + RECVMSG_NAME_LEN;
 
 /// A finished (or, for multishot ops, a progressing) operation.
 #[derive(Debug)]
@@ -82,6 +95,9 @@ pub const OWNER_IGNORE: u64 = u64::MAX;
 
 pub struct Ring {
     ring: IoUring,
+    /// The template every multishot recvmsg points at: only its name and control lengths are
+    /// read. Boxed so its address is stable; it lives as long as the ring.
+    recvmsg_hdr: Box<libc::msghdr>,
     slots: Vec<OpSlot>,
     free: Vec<u32>,
     in_flight: usize,
@@ -111,13 +127,17 @@ impl Ring {
             apply(&mut builder);
             match builder.build(entries) {
                 Ok(ring) => {
+                    // SAFETY: msghdr is plain old data; all-zero is a valid (empty) header.
+                    let mut hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+                    hdr.msg_namelen = RECVMSG_NAME_LEN;
                     return Ok(Ring {
                         ring,
+                        recvmsg_hdr: hdr,
                         slots: Vec::with_capacity(1024),
                         free: Vec::with_capacity(1024),
                         in_flight: 0,
                         setup: name,
-                    })
+                    });
                 }
                 Err(e) => last_err = Some(e),
             }
@@ -214,6 +234,20 @@ impl Ring {
     pub fn recv_multi(&mut self, fd: Target, bgid: u16, owner: u64) -> OpId {
         let sqe = on_target!(fd, f => opcode::RecvMulti::new(f, bgid).build());
         self.push_plain(sqe, owner)
+    }
+
+    /// Multishot recvmsg into the provided buffer ring `bgid`: one datagram per buffer, laid out
+    /// as `io_uring_recvmsg_out`, the source address (in a [`RECVMSG_NAME_LEN`] area), then the
+    /// payload at [`RECVMSG_PAYLOAD_OFF`].
+    pub fn recvmsg_multi(&mut self, fd: Target, bgid: u16, owner: u64) -> OpId {
+        let hdr: *const libc::msghdr = &*self.recvmsg_hdr;
+        let sqe = on_target!(fd, f => opcode::RecvMsgMulti::new(f, hdr, bgid).build());
+        let ud = self.alloc(owner, OpMem::None);
+        // SAFETY: the msghdr template is a heap block owned by the ring, which outlives every
+        // op (the shard cancels and waits for all ops before dropping it); buffers come from
+        // the registered group, which stays registered while ops run.
+        unsafe { self.push(sqe.user_data(ud)) };
+        OpId(ud)
     }
 
     /// Cancels every op on `fd` (the connection is closing). The cancelled ops still complete,
@@ -322,6 +356,60 @@ impl Ring {
         // SAFETY: `ptr` points into the buffer ring's data area, which lives as long as the
         // shard; buffer `bid` is owned by this op (recorded in its slot) and only returned to
         // the kernel's ring after this op's final completion.
+        unsafe { self.push(sqe.user_data(ud)) };
+        OpId(ud)
+    }
+
+    /// Sends bytes `off..end` of provided buffer `bid` as one datagram to the socket address
+    /// stored in the same buffer at `addr_off..addr_off + addr_len` (written there by the
+    /// caller with `bufring::write_sockaddr`). The op owns the buffer until its completion.
+    #[allow(clippy::too_many_arguments)]
+    pub fn send_pbuf_to(
+        &mut self,
+        fd: Target,
+        bufs: &super::bufring::BufRing,
+        bid: u16,
+        off: u32,
+        end: u32,
+        addr_off: u32,
+        addr_len: u32,
+        owner: u64,
+    ) -> OpId {
+        assert!(addr_off + addr_len <= bufs.buf_size() && end <= bufs.buf_size());
+        let ptr = bufs.ptr(bid, off);
+        let addr = bufs.ptr(bid, addr_off) as *const libc::sockaddr;
+        let ud = self.alloc(owner, OpMem::Pbuf { bid, off, end });
+        let sqe = on_target!(fd, f => opcode::Send::new(f, ptr, end - off)
+            .flags(libc::MSG_NOSIGNAL)
+            .dest_addr(addr)
+            .dest_addr_len(addr_len)
+            .build());
+        // SAFETY: payload and destination address both lie in buffer `bid` of the buffer
+        // ring's data area (bounds asserted above and in `ptr`), which lives as long as the
+        // shard; the buffer id is owned by this op's slot and recycled only after its final
+        // completion.
+        unsafe { self.push(sqe.user_data(ud)) };
+        OpId(ud)
+    }
+
+    /// Sends `buf` as one datagram to `addr` (rare paths: reassembled fragments).
+    pub fn send_to(
+        &mut self,
+        fd: Target,
+        buf: Vec<u8>,
+        addr: Box<socket2::SockAddr>,
+        owner: u64,
+    ) -> OpId {
+        let (ptr, len) = (buf.as_ptr(), buf.len() as u32);
+        let (aptr, alen) = (addr.as_ptr() as *const libc::sockaddr, addr.len());
+        let ud = self.alloc(owner, OpMem::BufTo { buf, addr });
+        let sqe = on_target!(fd, f => opcode::Send::new(f, ptr, len)
+            .flags(libc::MSG_NOSIGNAL)
+            .dest_addr(aptr)
+            .dest_addr_len(alen)
+            .build());
+        // SAFETY: the datagram and the sockaddr are heap blocks owned by this op's slot until
+        // its final completion.
         unsafe { self.push(sqe.user_data(ud)) };
         OpId(ud)
     }
