@@ -12,6 +12,7 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{
     IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs,
+    UdpSocket,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -920,3 +921,611 @@ pub fn resolve(s: &str) -> Vec<SocketAddr> {
 
 /// The two forwarding modes every forwarding test runs under.
 pub const FORWARD_MODES: [&str; 3] = ["splice", "copy", "auto"];
+
+// ---------------------------------------------------------------------------
+// UDP ASSOCIATE: datagram headers, associations, UDP targets
+// ---------------------------------------------------------------------------
+
+/// Is the binary under test ringsocks itself (no `RINGSOCKS_TEST_BIN` wrapper)?
+pub fn testing_ringsocks() -> bool {
+    std::env::var_os("RINGSOCKS_TEST_BIN").is_none_or(|p| p.is_empty())
+}
+
+/// For tests of ringsocks-specific behaviour (flags, log lines, FRAG): true, with a printed
+/// note, when another server is under test, so that the caller can `return` early.
+pub fn skip_unless_ringsocks(test: &str) -> bool {
+    if testing_ringsocks() {
+        return false;
+    }
+    println!(
+        "note: {test}: skipped, ringsocks-specific (RINGSOCKS_TEST_BIN={:?})",
+        relay_bin()
+    );
+    true
+}
+
+/// Receive and send buffers of `bytes` on any socket: SO_RCVBUFFORCE/SO_SNDBUFFORCE
+/// (root), else the plain options (capped by rmem_max/wmem_max).
+pub fn set_socket_buffers<S: std::os::fd::AsRawFd>(s: &S, bytes: usize) {
+    let fd = s.as_raw_fd();
+    let v = bytes.min(i32::MAX as usize) as libc::c_int;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        let set = |opt| {
+            // SAFETY: setsockopt with a valid fd and a pointer to a live c_int of that size.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&v as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }
+        };
+        if set(force) != 0 {
+            set(plain);
+        }
+    }
+}
+
+/// A UDP socket bound to `bind`, with the test I/O timeouts and 4 MiB buffers.
+pub fn udp_bind(bind: &str) -> UdpSocket {
+    let s = UdpSocket::bind(bind).unwrap_or_else(|e| panic!("bind UDP {bind}: {e}"));
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    set_socket_buffers(&s, 4 << 20);
+    s
+}
+
+/// RFC 1928 §7 header `00 00 FRAG ATYP DST.ADDR DST.PORT` for `dst`.
+pub fn udp_header(frag: u8, dst: &Target) -> Vec<u8> {
+    // Same address encoding as a request: `05 cmd 00 atyp ...` with the first three replaced.
+    let mut v = request(0, dst);
+    v[..3].copy_from_slice(&[0, 0, frag]);
+    v
+}
+
+/// Header + payload.
+pub fn udp_datagram(frag: u8, dst: &Target, payload: &[u8]) -> Vec<u8> {
+    let mut v = udp_header(frag, dst);
+    v.extend_from_slice(payload);
+    v
+}
+
+/// A datagram from the relay to the client, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UdpReply {
+    pub frag: u8,
+    /// ATYP as sent (1, 3 or 4).
+    pub atyp: u8,
+    /// The replying host's address (DST.ADDR/DST.PORT of the reply header).
+    pub src: BndAddr,
+    pub data: Vec<u8>,
+}
+
+/// Parse a datagram the relay sent to the client.
+pub fn parse_udp_reply(d: &[u8]) -> io::Result<UdpReply> {
+    if d.len() < 4 || d[0] != 0 || d[1] != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "UDP reply header {:02x?} (len {})",
+                &d[..d.len().min(8)],
+                d.len()
+            ),
+        ));
+    }
+    // Reuse the reply parser: `05 00 00 atyp addr port` has the same address layout.
+    let mut tmp = d.to_vec();
+    tmp[..3].copy_from_slice(&[0x05, 0x00, 0x00]);
+    let mut cur = io::Cursor::new(&tmp[..]);
+    let r = read_reply(&mut cur)?;
+    let off = cur.position() as usize;
+    Ok(UdpReply {
+        frag: d[2],
+        atyp: d[3],
+        src: r.bnd,
+        data: d[off..].to_vec(),
+    })
+}
+
+/// UDP ASSOCIATE handshake (no auth) with `dst` in the request.
+pub fn udp_associate_raw(relay: SocketAddr, dst: &Target) -> io::Result<(TcpStream, Reply)> {
+    socks_request(relay, None, CMD_UDP_ASSOCIATE, dst)
+}
+
+/// The address a client sends datagrams to: BND from a successful reply. Panics unless
+/// REP is 0x00 and BND is an IP address with a port, not the unspecified address.
+pub fn usable_bnd(r: &Reply, what: &str) -> SocketAddr {
+    assert_eq!(r.rep, 0x00, "{what}: UDP ASSOCIATE reply {r:?}");
+    match r.bnd {
+        BndAddr::Addr(a) => {
+            assert!(
+                !a.ip().is_unspecified() && a.port() != 0,
+                "{what}: BND {a} is not an address a client can send to"
+            );
+            a
+        }
+        BndAddr::Domain(ref d, p) => panic!("{what}: BND is a domain {d}:{p}"),
+    }
+}
+
+/// One UDP association: the control connection and the client's UDP socket.
+pub struct UdpAssoc {
+    pub control: TcpStream,
+    pub sock: UdpSocket,
+    /// Where datagrams go: BND from the reply.
+    pub relay_udp: SocketAddr,
+    pub reply: Reply,
+}
+
+impl UdpAssoc {
+    /// Associate with `dst` in the request, using `sock` as the client's UDP socket.
+    pub fn open_with(relay: SocketAddr, sock: UdpSocket, dst: &Target) -> UdpAssoc {
+        let (control, reply) = udp_associate_raw(relay, dst)
+            .unwrap_or_else(|e| panic!("UDP ASSOCIATE via {relay} (DST {dst:?}): {e}"));
+        let relay_udp = usable_bnd(&reply, &format!("UDP ASSOCIATE via {relay}"));
+        UdpAssoc {
+            control,
+            sock,
+            relay_udp,
+            reply,
+        }
+    }
+
+    /// A UDP socket bound on `bind`, associated with its own address as DST (what a client
+    /// that knows its endpoint sends).
+    pub fn open(relay: SocketAddr, bind: &str) -> UdpAssoc {
+        let sock = udp_bind(bind);
+        let me = sock.local_addr().unwrap();
+        UdpAssoc::open_with(relay, sock, &Target::Addr(me))
+    }
+
+    pub fn send_raw(&self, datagram: &[u8]) {
+        let n = self
+            .sock
+            .send_to(datagram, self.relay_udp)
+            .unwrap_or_else(|e| panic!("send {} bytes to {}: {e}", datagram.len(), self.relay_udp));
+        assert_eq!(n, datagram.len());
+    }
+
+    pub fn send(&self, frag: u8, dst: &Target, payload: &[u8]) {
+        self.send_raw(&udp_datagram(frag, dst, payload));
+    }
+
+    /// Next datagram from the relay within `within` (None on timeout). Datagrams from any
+    /// other source are ignored.
+    pub fn recv(&self, within: Duration) -> Option<UdpReply> {
+        recv_reply(&self.sock, self.relay_udp, within)
+    }
+
+    /// Send `payload` to `target` and expect the echo back from `target`.
+    pub fn expect_echo(&self, target: SocketAddr, payload: &[u8]) {
+        self.send(0, &Target::Addr(target), payload);
+        let r = self.recv(Duration::from_secs(5)).unwrap_or_else(|| {
+            panic!(
+                "no echo of {} bytes from {target} via {} within 5 s",
+                payload.len(),
+                self.relay_udp
+            )
+        });
+        assert_eq!(
+            r.src,
+            BndAddr::Addr(target),
+            "reply header must carry the replying host"
+        );
+        assert_eq!(r.frag, 0, "reply FRAG");
+        assert!(
+            r.data == payload,
+            "echoed payload differs: sent {} bytes, got {}",
+            payload.len(),
+            r.data.len()
+        );
+    }
+}
+
+/// Receive one datagram from `relay_udp` on `sock` within `within`; others are skipped.
+pub fn recv_reply(sock: &UdpSocket, relay_udp: SocketAddr, within: Duration) -> Option<UdpReply> {
+    let deadline = Instant::now() + within;
+    let mut buf = vec![0u8; 70_000];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) if from == relay_udp => {
+                let r = parse_udp_reply(&buf[..n])
+                    .unwrap_or_else(|e| panic!("bad datagram from the relay {from}: {e}"));
+                return Some(r);
+            }
+            Ok((_, from)) => eprintln!("ignoring a datagram from {from} (not {relay_udp})"),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            // ICMP port unreachable from an earlier send (e.g. the relay closed the port).
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+            Err(e) => panic!("recv on {:?}: {e}", sock.local_addr()),
+        }
+    }
+}
+
+/// Datagrams a [`UdpServer`] received: (source, payload), in arrival order.
+pub type UdpLog = Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>>;
+
+/// A UDP target on loopback: records every datagram and optionally echoes it.
+/// Stops (and joins its threads) on drop.
+pub struct UdpServer {
+    pub addr: SocketAddr,
+    pub log: UdpLog,
+    pub count: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl UdpServer {
+    /// Echo server with one thread.
+    pub fn echo(bind: &str) -> UdpServer {
+        UdpServer::start(bind, true, 1, 4 << 20, true)
+    }
+
+    /// Records but never answers.
+    pub fn sink(bind: &str) -> UdpServer {
+        UdpServer::start(bind, false, 1, 4 << 20, true)
+    }
+
+    /// `threads` threads on one socket with `rcvbuf` bytes of receive buffer; `record`
+    /// keeps every datagram in `log` (else only `count`).
+    pub fn start(bind: &str, echo: bool, threads: usize, rcvbuf: usize, record: bool) -> UdpServer {
+        UdpServer::try_start(bind, echo, threads, rcvbuf, record)
+            .unwrap_or_else(|e| panic!("bind UDP target {bind}: {e}"))
+    }
+
+    pub fn try_start(
+        bind: &str,
+        echo: bool,
+        threads: usize,
+        rcvbuf: usize,
+        record: bool,
+    ) -> io::Result<UdpServer> {
+        let sock = UdpSocket::bind(bind)?;
+        set_socket_buffers(&sock, rcvbuf);
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        sock.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        let addr = sock.local_addr().unwrap();
+        let log: UdpLog = Arc::new(Mutex::new(Vec::new()));
+        let count = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let handles = (0..threads.max(1))
+            .map(|_| {
+                let sock = sock.try_clone().unwrap();
+                let (log, count, stop) = (log.clone(), count.clone(), stop.clone());
+                thread::spawn(move || {
+                    let mut buf = vec![0u8; 65_536];
+                    while !stop.load(Ordering::SeqCst) {
+                        let (n, from) = match sock.recv_from(&mut buf) {
+                            Ok(x) => x,
+                            Err(_) => continue,
+                        };
+                        // Recorded before the echo leaves, so a client that got the echo
+                        // finds its datagram in the log.
+                        if record {
+                            log.lock().unwrap().push((from, buf[..n].to_vec()));
+                        }
+                        count.fetch_add(1, Ordering::SeqCst);
+                        if echo {
+                            let _ = sock.send_to(&buf[..n], from);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Ok(UdpServer {
+            addr,
+            log,
+            count,
+            stop,
+            handles,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn received(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    pub fn payloads(&self) -> Vec<Vec<u8>> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, d)| d.clone())
+            .collect()
+    }
+
+    /// Wait until at least `n` datagrams arrived; false at the deadline.
+    pub fn wait_for(&self, n: usize, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while self.received() < n {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+}
+
+impl Drop for UdpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// TCP connection to `relay` from a chosen local IP (e.g. 127.0.0.5), with test timeouts.
+pub fn connect_from(local: IpAddr, relay: SocketAddr) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(relay), Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::new(local, 0).into())
+        .unwrap_or_else(|e| panic!("bind {local}: {e}"));
+    s.connect_timeout(&relay.into(), IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("connect {local} -> {relay}: {e}"));
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Close with an RST (SO_LINGER 0) instead of a FIN.
+pub fn close_with_rst(s: TcpStream) {
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+}
+
+// ---------------------------------------------------------------------------
+// Relay logs and /proc figures
+// ---------------------------------------------------------------------------
+
+/// Wait until the relay's stderr has at least `n` lines containing `needle`; returns them
+/// (fewer if the deadline passed).
+pub fn wait_log_lines(relay: &Relay, needle: &str, n: usize, within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let lines: Vec<String> = relay
+            .stderr()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_string)
+            .collect();
+        if lines.len() >= n || Instant::now() >= deadline {
+            return lines;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `key=N` in a log line.
+pub fn log_field(line: &str, key: &str) -> Option<u64> {
+    let pat = format!("{key}=");
+    let mut rest = line;
+    while let Some(i) = rest.find(&pat) {
+        // Must start a field: at the line start or after a space.
+        let start_ok = i == 0 || rest.as_bytes()[i - 1] == b' ';
+        let after = &rest[i + pat.len()..];
+        if start_ok {
+            let digits: String = after.chars().take_while(|c| c.is_ascii_digit()).collect();
+            return digits.parse().ok();
+        }
+        rest = after;
+    }
+    None
+}
+
+/// VmRSS of a process in KiB (0 if unreadable).
+pub fn proc_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Open file descriptors of a process (0 if unreadable).
+pub fn proc_fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Raise RLIMIT_NOFILE as far as allowed; returns the soft limit now in force.
+pub fn raise_nofile_limit() -> u64 {
+    let want = 1u64 << 20;
+    if rlimit::setrlimit(rlimit::Resource::NOFILE, want, want).is_err() {
+        let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
+        let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, hard, hard);
+    }
+    rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap().0
+}
+
+// ---------------------------------------------------------------------------
+// Python helpers (tests/support/*.py)
+// ---------------------------------------------------------------------------
+
+/// A Python 3 interpreter that can `import socks` (PySocks): `python3` on PATH, else
+/// Debian's /usr/bin/python3 (python3-socks installs there; PATH may hold another Python).
+pub fn python_with_socks() -> PathBuf {
+    static FOUND: OnceLock<Option<PathBuf>> = OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            ["python3", "/usr/bin/python3"].iter().find_map(|p| {
+                let ok = Command::new(p)
+                    .args(["-c", "import socks"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                ok.then(|| PathBuf::from(p))
+            })
+        })
+        .clone()
+        .expect("a python3 with PySocks (`import socks`) is required (CI installs python3-socks)")
+}
+
+/// Path of a script in tests/support.
+pub fn support_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/support")
+        .join(name)
+}
+
+/// Run `prog args` with captured output, killed after `timeout`. Returns the exit status
+/// (None: killed at the deadline), stdout and stderr.
+pub fn run_bounded(
+    prog: &Path,
+    args: &[String],
+    timeout: Duration,
+) -> (Option<ExitStatus>, String, String) {
+    let mut child = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {prog:?}: {e}"));
+    let out = Arc::new(Mutex::new(String::new()));
+    let err = Arc::new(Mutex::new(String::new()));
+    let t1 = spawn_reader(child.stdout.take().unwrap(), out.clone());
+    let t2 = spawn_reader(child.stderr.take().unwrap(), err.clone());
+    let status = wait_child_or_kill(&mut child, timeout);
+    let _ = t1.join();
+    let _ = t2.join();
+    let out = out.lock().unwrap().clone();
+    let err = err.lock().unwrap().clone();
+    (status, out, err)
+}
+
+/// A helper process (e.g. the DNS stub) that prints one readiness line; killed on drop.
+pub struct Helper {
+    pub child: Child,
+    /// The first stdout line.
+    pub ready_line: String,
+    pub output: Arc<Mutex<String>>,
+}
+
+impl Helper {
+    pub fn start(prog: &Path, args: &[String]) -> Helper {
+        let mut child = Command::new(prog)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {prog:?}: {e}"));
+        let output = Arc::new(Mutex::new(String::new()));
+        spawn_reader(child.stderr.take().unwrap(), output.clone());
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        let log = output.clone();
+        thread::spawn(move || {
+            let mut r = BufReader::new(out);
+            let mut line = String::new();
+            let mut first = true;
+            loop {
+                line.clear();
+                match r.read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        if first {
+                            let _ = tx.send(line.trim().to_string());
+                            first = false;
+                        } else {
+                            log.lock().unwrap().push_str(&line);
+                        }
+                    }
+                }
+            }
+        });
+        match rx.recv_timeout(READY_TIMEOUT) {
+            Ok(ready_line) => Helper {
+                child,
+                ready_line,
+                output,
+            },
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{prog:?} {args:?} printed no readiness line; output:\n{}",
+                    output.lock().unwrap()
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One socket from /proc/net/{tcp,tcp6,udp,udp6} (this network namespace, all processes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetSocket {
+    /// Local address as in the file (hex, host byte order per 32-bit word).
+    pub local_hex: String,
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// Kernel state number (TCP: 0x01 ESTABLISHED, 0x06 TIME_WAIT, 0x08 CLOSE_WAIT, 0x0A LISTEN).
+    pub state: u8,
+}
+
+/// Sockets of `proto` ("tcp" or "udp"), IPv4 and IPv6: how to see sockets that a process
+/// holds only in io_uring's fixed-file table (they are not in /proc/PID/fd).
+pub fn net_sockets(proto: &str) -> Vec<NetSocket> {
+    let mut v = Vec::new();
+    for file in [proto.to_string(), format!("{proto}6")] {
+        let text = std::fs::read_to_string(format!("/proc/net/{file}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 4 {
+                continue;
+            }
+            let split = |a: &str| -> Option<(String, u16)> {
+                let (ip, port) = a.split_once(':')?;
+                Some((ip.to_string(), u16::from_str_radix(port, 16).ok()?))
+            };
+            let (Some((local_hex, local_port)), Some((_, remote_port)), Ok(state)) =
+                (split(f[1]), split(f[2]), u8::from_str_radix(f[3], 16))
+            else {
+                continue;
+            };
+            v.push(NetSocket {
+                local_hex,
+                local_port,
+                remote_port,
+                state,
+            });
+        }
+    }
+    v
+}
