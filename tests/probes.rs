@@ -52,7 +52,7 @@ fn rep_07_for_unknown_command_0x09() {
     assert_eq!(echo.accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
 
-// BIND/UDP ASSOCIATE are not implemented yet: update these when they are.
+// BIND is not implemented yet: update this when it is.
 #[test]
 fn rep_07_for_bind_until_implemented() {
     let relay = Relay::start(&[]);
@@ -62,15 +62,30 @@ fn rep_07_for_bind_until_implemented() {
 }
 
 #[test]
-fn rep_07_for_udp_associate_until_implemented() {
-    let relay = Relay::start(&[]);
+fn udp_associate_gets_rep_00_and_a_usable_bnd() {
+    let relay = Relay::start(&["--shards", "1"]);
+    let echo = UdpServer::echo("127.0.0.1:0");
     let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
-    let rep = probe_rep(
-        relay.addr,
-        &request(CMD_UDP_ASSOCIATE, &any.into()),
-        "UDP ASSOCIATE",
+    let mut s = connect(relay.addr);
+    let m = greet(&mut s, &[0x00]);
+    assert_eq!(m, [0x05, 0x00], "method reply");
+    s.write_all(&request(CMD_UDP_ASSOCIATE, &any.into()))
+        .unwrap();
+    let r = read_reply(&mut s).expect("UDP ASSOCIATE reply");
+    let bnd = usable_bnd(&r, "UDP ASSOCIATE");
+    assert_eq!(
+        bnd.ip(),
+        relay.addr.ip(),
+        "BND.ADDR is the control connection's local address"
     );
-    assert_eq!(rep, 0x07);
+    // Usable: a datagram to BND reaches the target and the echo comes back wrapped.
+    let a = UdpAssoc {
+        control: s,
+        sock: udp_bind("127.0.0.1:0"),
+        relay_udp: bnd,
+        reply: r,
+    };
+    a.expect_echo(echo.addr, b"UDP ASSOCIATE works");
 }
 
 #[test]
