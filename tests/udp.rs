@@ -846,6 +846,26 @@ fn client_check_off_accepts_a_third_party() {
 // Lifetime
 // ---------------------------------------------------------------------------
 
+/// No socket is bound on the association's UDP port any more (bounded wait: the relay
+/// may log the end just before its close completes).
+fn assert_udp_port_closed(relay_udp: SocketAddr, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let bound: Vec<NetSocket> = net_sockets("udp")
+            .into_iter()
+            .filter(|s| s.local_port == relay_udp.port())
+            .collect();
+        if bound.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: UDP port {relay_udp} still bound 1 s after the association ended: {bound:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn control_end_stops_relaying(rst: bool) {
     let relay = relay1(&[]);
     let echo = UdpServer::echo("127.0.0.1:0");
@@ -868,6 +888,7 @@ fn control_end_stops_relaying(rst: bool) {
         let line = closed_line(&relay, 1);
         println!("{how}: {line}");
         assert_eq!(field(&line, "relayed_out"), 1, "{line}");
+        assert_udp_port_closed(relay_udp, how);
     } else {
         thread::sleep(Duration::from_millis(500));
     }
@@ -916,6 +937,7 @@ fn idle_timeout_closes_the_control_connection() {
     println!("control connection closed after {el:?} of silence");
     let line = closed_line(&relay, 1);
     assert_eq!(field(&line, "relayed_out"), 8, "{line}");
+    assert_udp_port_closed(a.relay_udp, "idle timeout");
     a.send(0, &t(echo.addr), b"after the idle timeout");
     assert_no_reply(
         &a.sock,
