@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use ringsocks::proto::client::{ClientHandshake, ClientStep};
-use ringsocks::proto::{Addr, Command};
+use ringsocks::proto::{Addr, Command, Reply};
 use serde_json::{json, Value};
 
 use crate::sys;
@@ -162,12 +162,43 @@ impl Dialer {
             s.set_read_timeout(Some(self.timeout))?;
             return Ok((s, Vec::new()));
         };
+        let (s, _, leftover) = self.socks(proxy, Command::CONNECT, Addr::Ip(dst))?;
+        s.set_nodelay(nodelay)?;
+        Ok((s, leftover))
+    }
+
+    /// UDP ASSOCIATE for a client UDP socket bound at `client` (sent as
+    /// DST.ADDR:DST.PORT). Returns the control connection, which must stay
+    /// open as long as the association is used, and the relay's UDP
+    /// address (BND.ADDR:BND.PORT; an unspecified BND.ADDR means the
+    /// proxy's own address). The relay must be on loopback too.
+    pub fn associate(&self, client: SocketAddr) -> io::Result<(TcpStream, SocketAddr)> {
+        let proxy = self
+            .proxy
+            .ok_or_else(|| io::Error::other("UDP ASSOCIATE needs a proxy"))?;
+        let (s, reply, leftover) = self.socks(proxy, Command::UDP_ASSOCIATE, Addr::Ip(client))?;
+        if !leftover.is_empty() {
+            return Err(io::Error::other(
+                "proxy sent data after the UDP ASSOCIATE reply",
+            ));
+        }
+        let bnd = relay_udp_addr(proxy, &reply.bnd).map_err(io::Error::other)?;
+        Ok((s, bnd))
+    }
+
+    /// Greeting, auth and request `cmd dst` on a new connection to `proxy`;
+    /// returns the stream, the success reply and any bytes that came after it.
+    fn socks(
+        &self,
+        proxy: SocketAddr,
+        cmd: Command,
+        dst: Addr,
+    ) -> io::Result<(TcpStream, Reply, Vec<u8>)> {
         let mut s = TcpStream::connect_timeout(&proxy, self.timeout)?;
         // The handshake is small writes that must not wait for Nagle.
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(self.timeout))?;
-        let mut hs = ClientHandshake::new(Addr::Ip(dst), Command::CONNECT, self.creds.clone())
-            .pipelined(self.pipeline);
+        let mut hs = ClientHandshake::new(dst, cmd, self.creds.clone()).pipelined(self.pipeline);
         let mut out = Vec::with_capacity(128);
         hs.start(&mut out);
         s.write_all(&out)?;
@@ -189,13 +220,33 @@ impl Dialer {
             if !out.is_empty() {
                 s.write_all(&out)?;
             }
-            if let ClientStep::Done { consumed, .. } = step {
-                s.set_nodelay(nodelay)?;
-                return Ok((s, buf[consumed..n].to_vec()));
+            if let ClientStep::Done { reply, consumed } = step {
+                return Ok((s, reply, buf[consumed..n].to_vec()));
             }
         }
         Err(io::Error::other("socks: handshake did not finish"))
     }
+}
+
+/// Where to send datagrams of a UDP association: BND.ADDR:BND.PORT of the
+/// reply, with an unspecified address (0.0.0.0, ::) standing for the
+/// proxy's. Only loopback relays are accepted, like everything else.
+pub fn relay_udp_addr(proxy: SocketAddr, bnd: &Addr) -> std::result::Result<SocketAddr, String> {
+    let Addr::Ip(mut a) = bnd.clone() else {
+        return Err(format!(
+            "UDP ASSOCIATE reply names a domain ({bnd}), not an address"
+        ));
+    };
+    if a.ip().is_unspecified() {
+        a.set_ip(proxy.ip());
+    }
+    if a.port() == 0 {
+        return Err("UDP ASSOCIATE reply has BND.PORT 0".into());
+    }
+    if !a.ip().is_loopback() {
+        return Err(format!("UDP relay {a} is not on loopback"));
+    }
+    Ok(a)
 }
 
 /// Latency histogram in nanoseconds (1 ns .. 100 s, 3 significant digits).
@@ -447,6 +498,23 @@ mod tests {
             assert!(j["system"].get(key).is_some(), "{key}");
         }
         assert!(j["command"].is_array());
+    }
+
+    #[test]
+    fn relay_udp_address_from_the_reply() {
+        let proxy: SocketAddr = "127.0.0.1:1080".parse().unwrap();
+        let bnd = |s: &str| Addr::Ip(s.parse().unwrap());
+        assert_eq!(
+            relay_udp_addr(proxy, &bnd("127.0.0.2:5000")),
+            Ok("127.0.0.2:5000".parse().unwrap())
+        );
+        assert_eq!(
+            relay_udp_addr(proxy, &bnd("0.0.0.0:5000")),
+            Ok("127.0.0.1:5000".parse().unwrap())
+        );
+        assert!(relay_udp_addr(proxy, &bnd("127.0.0.1:0")).is_err());
+        assert!(relay_udp_addr(proxy, &bnd("10.0.0.1:5000")).is_err());
+        assert!(relay_udp_addr(proxy, &Addr::domain(b"relay", 5000).unwrap()).is_err());
     }
 
     #[test]
