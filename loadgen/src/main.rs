@@ -2,7 +2,8 @@
 //!
 //! Measures a SOCKS5 relay (`--proxy`) or the loopback limit without one
 //! (`--direct`) against an in-process target: bulk throughput, ping-pong
-//! latency, connection rate and the memory cost of idle connections. See
+//! latency, connection rate, the memory cost of idle connections and UDP
+//! ASSOCIATE datagram rate, loss and latency. See
 //! README.md for the modes and the JSON fields.
 
 use clap::{Parser, Subcommand};
@@ -23,6 +24,7 @@ mod relays;
 mod serve;
 mod sys;
 mod throughput;
+mod udp;
 
 #[derive(Parser, Debug)]
 #[command(name = "loadgen", version, about = "Load generator for SOCKS5 relays")]
@@ -43,6 +45,8 @@ enum Mode {
     TcpCps(cps::Args),
     /// Memory and fds the relay spends on idle connections
     Idle(idle::Args),
+    /// Datagrams through UDP ASSOCIATE: rate, loss, RTT over N associations
+    Udp(udp::Args),
     /// Side-by-side suite: ringsocks (splice, copy), direct, Dante, microsocks
     Compare(compare::Args),
     /// Fail when ringsocks' ratios of a compare run fell below the baseline's
@@ -59,6 +63,7 @@ fn main() {
         Mode::TcpLatency(a) => latency::run(a),
         Mode::TcpCps(a) => cps::run(a),
         Mode::Idle(a) => idle::run(a),
+        Mode::Udp(a) => udp::run(a),
         Mode::Compare(a) => compare::run(a),
         Mode::Check(a) => check::run_check(a),
         Mode::Baseline(a) => check::run_baseline(a),
