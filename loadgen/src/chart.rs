@@ -1,6 +1,7 @@
 //! The suite's chart: median throughput and ping-pong latency percentiles
-//! per system, as an SVG (plotters' SVG backend writes `<text>` elements,
-//! so no font files are read).
+//! per system (TCP suites), or datagram rates and RTTs per workload (UDP
+//! suite), as an SVG (plotters' SVG backend writes `<text>` elements, so
+//! no font files are read).
 
 use std::path::Path;
 
@@ -103,8 +104,75 @@ fn panel(
     Ok(())
 }
 
+fn title(doc: &Value) -> String {
+    format!(
+        "loadgen compare --suite {} ({}, git {}): medians of {} reps",
+        doc["suite"].as_str().unwrap_or("?"),
+        doc["date"].as_str().unwrap_or("?"),
+        doc["system"]["git"].as_str().unwrap_or("?"),
+        doc["params"]["reps"]
+    )
+}
+
+/// The UDP suite: datagrams/s at both sizes, RTT p50 and p99 at 64 B,
+/// each with a bar per association count.
+fn draw_udp(doc: &Value, path: &Path) -> Result<()> {
+    let systems = crate::compare::system_names(doc);
+    let get = |key: String, scale: f64| -> Vec<f64> {
+        systems
+            .iter()
+            .map(|s| doc["medians"][s][&key].as_f64().unwrap_or(0.0) * scale)
+            .collect()
+    };
+    let series = |size: u32, metric: &str, scale: f64| -> Vec<(&'static str, Vec<f64>)> {
+        [("1 assoc", 1), ("8 assocs", 8), ("2000 assocs", 2000)]
+            .into_iter()
+            .map(|(name, n)| (name, get(format!("udp{size}x{n}_{metric}"), scale)))
+            .collect()
+    };
+    let root = SVGBackend::new(path, (1200, 860)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let root = root
+        .titled(&title(doc), ("sans-serif", 16))
+        .map_err(|e| e.to_string())?;
+    let panels = root.split_evenly((2, 2));
+    panel(
+        &panels[0],
+        "Datagrams/s echoed, 64 B",
+        "thousands/s",
+        &systems,
+        &series(64, "dps", 1e-3),
+    )?;
+    panel(
+        &panels[1],
+        "Datagrams/s echoed, 1400 B",
+        "thousands/s",
+        &systems,
+        &series(1400, "dps", 1e-3),
+    )?;
+    panel(
+        &panels[2],
+        "RTT p50, 64 B",
+        "µs",
+        &systems,
+        &series(64, "rtt_p50_us", 1.0),
+    )?;
+    panel(
+        &panels[3],
+        "RTT p99, 64 B",
+        "µs",
+        &systems,
+        &series(64, "rtt_p99_us", 1.0),
+    )?;
+    root.present().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// Draws the chart of a suite document to `path`.
 pub fn draw(doc: &Value, path: &Path) -> Result<()> {
+    if doc["suite"] == "udp" {
+        return draw_udp(doc, path);
+    }
     let systems = crate::compare::system_names(doc);
     let get = |key: &str| -> Vec<f64> {
         systems
@@ -114,15 +182,8 @@ pub fn draw(doc: &Value, path: &Path) -> Result<()> {
     };
     let root = SVGBackend::new(path, (1200, 460)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let title = format!(
-        "loadgen compare --suite {} ({}, git {}): medians of {} reps",
-        doc["suite"].as_str().unwrap_or("?"),
-        doc["date"].as_str().unwrap_or("?"),
-        doc["system"]["git"].as_str().unwrap_or("?"),
-        doc["params"]["reps"]
-    );
     let root = root
-        .titled(&title, ("sans-serif", 16))
+        .titled(&title(doc), ("sans-serif", 16))
         .map_err(|e| e.to_string())?;
     let (left, right) = root.split_horizontally(600);
     panel(
@@ -173,5 +234,23 @@ mod tests {
         let _ = std::fs::remove_file(&p);
         assert!(svg.starts_with("<svg"));
         assert!(svg.contains("ringsocks-splice") && svg.contains("16 streams"));
+    }
+
+    #[test]
+    fn draws_the_udp_svg() {
+        let doc = json!({
+            "suite": "udp", "date": "2026-11-24", "system": {"git": "abc"}, "params": {"reps": 3},
+            "systems": [{"name": "ringsocks"}, {"name": "direct"}, {"name": "dante"}],
+            "medians": {
+                "direct": {"udp64x1_dps": 85000.0, "udp64x8_dps": 166000.0, "udp64x1_rtt_p50_us": 11.0},
+                "dante": {"udp64x2000_dps": 20000.0, "udp1400x8_dps": 29000.0},
+            },
+        });
+        let p = std::env::temp_dir().join(format!("loadgen-chart-udp-{}.svg", std::process::id()));
+        draw(&doc, &p).unwrap();
+        let svg = std::fs::read_to_string(&p).unwrap();
+        let _ = std::fs::remove_file(&p);
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.contains("2000 assocs") && svg.contains("RTT p99, 64 B"));
     }
 }

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 
 use crate::common::Result;
-use crate::compare::{figure, median, Better, FIGURES};
+use crate::compare::{figure, figures_of, median, Better};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct CheckArgs {
@@ -62,9 +62,10 @@ fn read_json(p: &PathBuf) -> Result<Value> {
     Ok(serde_json::from_str(&t).map_err(|e| format!("{}: {e}", p.display()))?)
 }
 
-/// The ratio keys the check uses: ringsocks over a reference.
+/// The ratio keys the check uses: ringsocks over a reference
+/// (`ringsocks-<path>/...` in the TCP suites, `ringsocks/...` in udp).
 fn checked_key(k: &str) -> bool {
-    k.starts_with("ringsocks-")
+    k.starts_with("ringsocks-") || k.starts_with("ringsocks/")
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -249,6 +250,7 @@ pub fn run_baseline(a: &BaselineArgs) -> Result<()> {
     }
     let docs: Vec<Value> = a.runs.iter().map(read_json).collect::<Result<_>>()?;
     let suite = docs[0]["suite"].clone();
+    let figures = figures_of(suite.as_str().unwrap_or(""));
     if docs.iter().any(|d| d["suite"] != suite) {
         return Err("all runs must be of the same suite".into());
     }
@@ -268,7 +270,7 @@ pub fn run_baseline(a: &BaselineArgs) -> Result<()> {
             if !checked_key(key) {
                 continue;
             }
-            for f in &FIGURES {
+            for f in figures {
                 if let Some(v) = figs[f.key].as_f64() {
                     per.entry(key.clone())
                         .or_default()
@@ -288,7 +290,7 @@ pub fn run_baseline(a: &BaselineArgs) -> Result<()> {
         ratios.insert(key.clone(), Value::Object(o));
     }
     let mut tolerances = serde_json::Map::new();
-    for f in &FIGURES {
+    for f in figures {
         let (mut drop, mut spread) = (0.0f64, 0.0f64);
         let mut worst = String::new();
         for (key, figs) in &per {
@@ -363,7 +365,7 @@ pub fn run_baseline(a: &BaselineArgs) -> Result<()> {
     std::fs::write(&a.out, serde_json::to_string_pretty(&doc)? + "\n")
         .map_err(|e| format!("{}: {e}", a.out.display()))?;
     println!("wrote {} from {} runs", a.out.display(), docs.len());
-    for f in &FIGURES {
+    for f in figures {
         let t = &doc["tolerances"][f.key];
         println!(
             "  {:<16} tolerance {:>9}  observed: max drop below median {:>5.1}%, max spread {:>5.1}%",

@@ -1,12 +1,15 @@
-//! compare: the side-by-side suite. ringsocks on both forwarding paths,
-//! direct loopback, Dante and microsocks, each measured on the same
-//! figures, repetitions rotating the order of systems; medians and ratios
-//! to the references of the same run go to a JSON file, to the generated
+//! compare: the side-by-side suites. TCP (`full`, `ci`): ringsocks on its
+//! forwarding paths, direct loopback, Dante and microsocks; UDP (`udp`):
+//! ringsocks, direct loopback and Dante (the only peer with UDP
+//! ASSOCIATE). Each system is measured on the same figures, repetitions
+//! rotating the order of systems; medians and ratios to the references of
+//! the same run go to a JSON file, to the suite's block of the generated
 //! section of results/README.md and to an SVG chart.
 //!
 //! Every measurement is one run of this same binary in a client mode
-//! (`tcp-throughput`, `tcp-latency`, `tcp-cps`) with `--json -`, pinned
-//! with `--cpu`, so each report is exactly what that mode writes alone.
+//! (`tcp-throughput`, `tcp-latency`, `tcp-cps`, `udp`) with `--json -`,
+//! pinned with `--cpu`, so each report is exactly what that mode writes
+//! alone.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -27,6 +30,8 @@ pub enum Suite {
     Full,
     /// Short (for CI): ringsocks both paths, direct, microsocks; 2 s after 0.5 s warmup
     Ci,
+    /// UDP ASSOCIATE: ringsocks, direct, Dante; 64 and 1400 B datagrams over 1, 8, 2000 associations
+    Udp,
 }
 
 impl Suite {
@@ -34,12 +39,14 @@ impl Suite {
         match self {
             Suite::Full => "full",
             Suite::Ci => "ci",
+            Suite::Udp => "udp",
         }
     }
 
     fn kinds(self) -> Vec<Kind> {
         match self {
-            Suite::Full => Kind::ALL.to_vec(),
+            Suite::Full => Kind::TCP.to_vec(),
+            Suite::Udp => Kind::UDP.to_vec(),
             Suite::Ci => vec![
                 Kind::RingsocksAuto,
                 Kind::RingsocksSplice,
@@ -55,9 +62,45 @@ impl Suite {
         match self {
             Suite::Full => (5.0, 1.0),
             Suite::Ci => (2.0, 0.5),
+            Suite::Udp => (UDP_DURATION, UDP_WARMUP),
         }
     }
+
+    pub fn measurements(self) -> &'static [Measurement] {
+        match self {
+            Suite::Full | Suite::Ci => &Measurement::TCP,
+            Suite::Udp => &Measurement::UDP,
+        }
+    }
+
+    pub fn figures(self) -> &'static [Figure] {
+        match self {
+            Suite::Full | Suite::Ci => &FIGURES,
+            Suite::Udp => &UDP_FIGURES,
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Suite> {
+        [Suite::Full, Suite::Ci, Suite::Udp]
+            .into_iter()
+            .find(|x| x.name() == s)
+    }
 }
+
+/// The figures of the suite a document (or baseline) names.
+pub fn figures_of(suite: &str) -> &'static [Figure] {
+    Suite::from_name(suite).map_or(&FIGURES, |s| s.figures())
+}
+
+/// UDP suite: seconds measured and of warmup per run (short: 54 runs,
+/// some with 2000 associations to set up first).
+const UDP_DURATION: f64 = 3.0;
+const UDP_WARMUP: f64 = 0.5;
+/// Datagrams in flight per association, 8-association runs (closed loop).
+pub const UDP_WINDOW_8: &str = "16";
+/// Datagrams/s over all 2000 associations (open loop): 10 per association
+/// per second, which Dante on one core sustains without loss.
+pub const UDP_RATE_2000: &str = "20000";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -66,13 +109,13 @@ pub struct Args {
     /// Repetitions; the order of systems rotates on each
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
-    /// Seconds measured per run (default: 5 for full, 2 for ci)
+    /// Seconds measured per run (default: 5 for full, 2 for ci, 3 for udp)
     #[arg(long)]
     pub duration: Option<f64>,
-    /// Seconds of warmup per run (default: 1 for full, 0.5 for ci)
+    /// Seconds of warmup per run (default: 1 for full, 0.5 for ci and udp)
     #[arg(long)]
     pub warmup: Option<f64>,
-    /// Only these systems (repeatable): ringsocks-auto, ringsocks-splice, ringsocks-copy, direct, dante, microsocks
+    /// Only these systems (repeatable): ringsocks-auto, ringsocks-splice, ringsocks-copy, direct, dante, microsocks; udp: ringsocks, direct, dante
     #[arg(long = "system", value_name = "NAME")]
     pub systems: Vec<String>,
     /// ringsocks binary (default: next to this loadgen binary)
@@ -122,15 +165,30 @@ pub enum Measurement {
     Bidir,
     Latency,
     Cps,
+    Udp64x1,
+    Udp64x8,
+    Udp64x2000,
+    Udp1400x1,
+    Udp1400x8,
+    Udp1400x2000,
 }
 
 impl Measurement {
-    pub const ALL: [Measurement; 5] = [
+    pub const TCP: [Measurement; 5] = [
         Measurement::Tput1,
         Measurement::Tput16,
         Measurement::Bidir,
         Measurement::Latency,
         Measurement::Cps,
+    ];
+
+    pub const UDP: [Measurement; 6] = [
+        Measurement::Udp64x1,
+        Measurement::Udp64x8,
+        Measurement::Udp64x2000,
+        Measurement::Udp1400x1,
+        Measurement::Udp1400x8,
+        Measurement::Udp1400x2000,
     ];
 
     pub fn name(self) -> &'static str {
@@ -140,7 +198,27 @@ impl Measurement {
             Measurement::Bidir => "bidir",
             Measurement::Latency => "latency",
             Measurement::Cps => "cps",
+            Measurement::Udp64x1 => "udp64x1",
+            Measurement::Udp64x8 => "udp64x8",
+            Measurement::Udp64x2000 => "udp64x2000",
+            Measurement::Udp1400x1 => "udp1400x1",
+            Measurement::Udp1400x8 => "udp1400x8",
+            Measurement::Udp1400x2000 => "udp1400x2000",
         }
+    }
+
+    /// Column heading of a UDP workload (the name for the others).
+    pub fn label(self) -> String {
+        let (size, load) = match self {
+            Measurement::Udp64x1 => (64, "1 assoc, ping-pong".to_string()),
+            Measurement::Udp1400x1 => (1400, "1 assoc, ping-pong".to_string()),
+            Measurement::Udp64x8 => (64, format!("8 assocs × {UDP_WINDOW_8} in flight")),
+            Measurement::Udp1400x8 => (1400, format!("8 assocs × {UDP_WINDOW_8} in flight")),
+            Measurement::Udp64x2000 => (64, format!("2000 assocs at {UDP_RATE_2000}/s")),
+            Measurement::Udp1400x2000 => (1400, format!("2000 assocs at {UDP_RATE_2000}/s")),
+            other => return other.name().to_string(),
+        };
+        format!("{size} B, {load}")
     }
 
     fn args(self) -> Vec<&'static str> {
@@ -150,8 +228,24 @@ impl Measurement {
             Measurement::Bidir => vec!["tcp-throughput", "--streams", "1", "--direction", "both"],
             Measurement::Latency => vec!["tcp-latency", "--size", "64", "--connections", "1"],
             Measurement::Cps => vec!["tcp-cps", "--concurrency", "64"],
+            Measurement::Udp64x1 => udp_args("64", "1", []),
+            Measurement::Udp1400x1 => udp_args("1400", "1", []),
+            Measurement::Udp64x8 => udp_args("64", "8", ["--window", UDP_WINDOW_8]),
+            Measurement::Udp1400x8 => udp_args("1400", "8", ["--window", UDP_WINDOW_8]),
+            Measurement::Udp64x2000 => udp_args("64", "2000", ["--rate", UDP_RATE_2000]),
+            Measurement::Udp1400x2000 => udp_args("1400", "2000", ["--rate", UDP_RATE_2000]),
         }
     }
+}
+
+fn udp_args<const N: usize>(
+    size: &'static str,
+    assocs: &'static str,
+    load: [&'static str; N],
+) -> Vec<&'static str> {
+    let mut v = vec!["udp", "--size", size, "--assocs", assocs];
+    v.extend(load);
+    v
 }
 
 /// A figure of the tables: which run it comes from and where in its report.
@@ -250,8 +344,83 @@ pub const FIGURES: [Figure; 9] = [
     },
 ];
 
+/// The five figures of each UDP workload, keyed `<measurement>_<metric>`.
+macro_rules! udp_figures {
+    ($($m:ident => $name:literal),* $(,)?) => {
+        [$(
+            Figure {
+                key: concat!($name, "_dps"),
+                label: "datagrams/s",
+                unit: "1/s",
+                better: Better::Higher,
+                from: Measurement::$m,
+                pointer: "/results/datagrams_per_sec",
+                scale: 1.0,
+            },
+            Figure {
+                key: concat!($name, "_loss"),
+                label: "loss",
+                unit: "fraction",
+                better: Better::Lower,
+                from: Measurement::$m,
+                pointer: "/results/loss/fraction",
+                scale: 1.0,
+            },
+            Figure {
+                key: concat!($name, "_rtt_p50_us"),
+                label: "RTT p50",
+                unit: "µs",
+                better: Better::Lower,
+                from: Measurement::$m,
+                pointer: "/results/rtt/p50_us",
+                scale: 1.0,
+            },
+            Figure {
+                key: concat!($name, "_rtt_p99_us"),
+                label: "RTT p99",
+                unit: "µs",
+                better: Better::Lower,
+                from: Measurement::$m,
+                pointer: "/results/rtt/p99_us",
+                scale: 1.0,
+            },
+            Figure {
+                key: concat!($name, "_cpu_us"),
+                label: "relay CPU/datagram",
+                unit: "CPU-µs",
+                better: Better::Lower,
+                from: Measurement::$m,
+                pointer: "/relay_cpu/per_datagram",
+                scale: 1e6,
+            },
+        )*]
+    };
+}
+
+/// Metrics of every UDP workload, in the order of `UDP_FIGURES`' groups:
+/// (key suffix, table title).
+pub const UDP_METRICS: [(&str, &str); 5] = [
+    ("dps", "Datagrams/s (echoed)"),
+    ("loss", "Loss (% of the datagrams sent in the interval)"),
+    ("rtt_p50_us", "RTT p50 (µs)"),
+    ("rtt_p99_us", "RTT p99 (µs)"),
+    ("cpu_us", "Relay CPU per datagram (CPU-µs)"),
+];
+
+pub const UDP_FIGURES: [Figure; 30] = udp_figures!(
+    Udp64x1 => "udp64x1",
+    Udp64x8 => "udp64x8",
+    Udp64x2000 => "udp64x2000",
+    Udp1400x1 => "udp1400x1",
+    Udp1400x8 => "udp1400x8",
+    Udp1400x2000 => "udp1400x2000",
+);
+
 pub fn figure(key: &str) -> Option<&'static Figure> {
-    FIGURES.iter().find(|f| f.key == key)
+    FIGURES
+        .iter()
+        .chain(UDP_FIGURES.iter())
+        .find(|f| f.key == key)
 }
 
 pub fn median(v: &[f64]) -> Option<f64> {
@@ -368,7 +537,7 @@ pub fn medians(values: &BTreeMap<String, BTreeMap<String, Vec<f64>>>) -> Value {
 /// `"A/B"` ratios (A's median over B's, for every figure) for every system
 /// A but direct loopback and every reference B present (direct loopback and
 /// the peers Dante and microsocks), so each reads "A is x times B".
-pub fn ratios(medians: &Value, present: &[String]) -> Value {
+pub fn ratios(medians: &Value, present: &[String], figures: &[Figure]) -> Value {
     let mut out = serde_json::Map::new();
     for a in present {
         for b in present {
@@ -379,7 +548,7 @@ pub fn ratios(medians: &Value, present: &[String]) -> Value {
                 continue;
             }
             let mut o = serde_json::Map::new();
-            for f in &FIGURES {
+            for f in figures {
                 let va = medians[a][f.key].as_f64();
                 let vb = medians[b][f.key].as_f64();
                 let r = match (va, vb) {
@@ -484,8 +653,12 @@ pub fn run(a: &Args) -> Result<()> {
     // One untimed pass over every relay: Dante forks its worker processes
     // on demand, and the process set must be stable for its CPU figure to
     // cover every worker; the others get the same treatment for fairness.
+    let warm_ups: &[Measurement] = match a.suite {
+        Suite::Udp => &[Measurement::Udp64x8],
+        _ => &[Measurement::Cps, Measurement::Tput16],
+    };
     for r in relays.values() {
-        for m in [Measurement::Cps, Measurement::Tput16] {
+        for &m in warm_ups {
             let mut argv: Vec<String> = m.args().into_iter().map(String::from).collect();
             argv.extend(
                 [
@@ -514,17 +687,25 @@ pub fn run(a: &Args) -> Result<()> {
     let mut runs = Vec::new();
     let mut orders = Vec::new();
     let mut values: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
-    let total = a.reps * Measurement::ALL.len() * present.len();
+    let udp = a.suite == Suite::Udp;
+    let figures = a.suite.figures();
+    let total = a.reps * a.suite.measurements().len() * present.len();
     let mut done = 0;
     for rep in 0..a.reps {
         let order = rotation(&present, rep);
         orders.push(order.iter().map(|k| k.name()).collect::<Vec<_>>());
-        for m in Measurement::ALL {
+        for &m in a.suite.measurements() {
             for &k in &order {
                 let mut argv: Vec<String> = m.args().into_iter().map(String::from).collect();
                 let mut pids_before = Vec::new();
                 match relays.get(k.name()) {
                     None => argv.push("--direct".into()),
+                    // `udp` counts the relay's descendants itself, exited
+                    // ones included: only the relay's own PID is passed.
+                    Some(r) if udp => {
+                        argv.extend(["--proxy".into(), r.addr.to_string()]);
+                        argv.extend(["--pid".into(), r.pid().to_string()]);
+                    }
                     Some(r) => {
                         argv.extend(["--proxy".into(), r.addr.to_string()]);
                         pids_before = r.pids();
@@ -549,7 +730,7 @@ pub fn run(a: &Args) -> Result<()> {
                 // Dante forks and reaps workers: if its process set changed
                 // during the run, the CPU figure missed some of it.
                 let mut cpu_note = Value::Null;
-                if let Some(r) = relays.get(k.name()) {
+                if let Some(r) = relays.get(k.name()).filter(|_| !udp) {
                     if r.pids() != pids_before {
                         cpu_note = json!("relay process set changed during the run: CPU dropped");
                         if let Some(rep) = report.as_mut() {
@@ -558,13 +739,13 @@ pub fn run(a: &Args) -> Result<()> {
                     }
                 }
                 let mut line = format!(
-                    "[{done}/{total}] rep {} {:<8} {:<17}",
+                    "[{done}/{total}] rep {} {:<12} {:<17}",
                     rep + 1,
                     m.name(),
                     k.name()
                 );
                 if let Some(rep_json) = &report {
-                    for f in FIGURES.iter().filter(|f| f.from == m) {
+                    for f in figures.iter().filter(|f| f.from == m) {
                         if let Some(v) = value_at(rep_json, f) {
                             values
                                 .entry(k.name().to_string())
@@ -593,7 +774,7 @@ pub fn run(a: &Args) -> Result<()> {
         }
     }
     let meds = medians(&values);
-    let rats = ratios(&meds, &names);
+    let rats = ratios(&meds, &names, figures);
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let date = utc_date(now);
     let doc = json!({
@@ -617,10 +798,17 @@ pub fn run(a: &Args) -> Result<()> {
             None => json!({"name": k.name(), "label": k.label(), "command": null, "version": null}),
         }).collect::<Vec<_>>(),
         "skipped": skipped,
-        "figures": FIGURES.iter().map(|f| json!({
+        "figures": figures.iter().map(|f| json!({
             "key": f.key, "label": f.label, "unit": f.unit, "better": f.better.name(),
             "measurement": f.from.name(),
         })).collect::<Vec<_>>(),
+        "workloads": if udp {
+            json!(a.suite.measurements().iter().map(|m| json!({
+                "measurement": m.name(), "label": m.label(), "args": m.args(),
+            })).collect::<Vec<_>>())
+        } else {
+            Value::Null
+        },
         "values": values,
         "medians": meds,
         "ratios": rats,
@@ -743,6 +931,10 @@ pub fn markdown(doc: &Value, json_path: &Path, results_dir: &Path) -> String {
         s.push('\n');
     }
     s += &format!("![{suite} suite]({suite}.svg)\n\n");
+    if suite == "udp" {
+        s += &udp_tables(doc, &names);
+        return s;
+    }
     // Medians.
     s += "| system |";
     for f in &FIGURES {
@@ -787,6 +979,86 @@ pub fn markdown(doc: &Value, json_path: &Path, results_dir: &Path) -> String {
                 }
             }
             s.push('\n');
+        }
+    }
+    s
+}
+
+/// A loss fraction as a percentage (0 stays "0").
+fn fmt_loss(v: f64) -> String {
+    if v == 0.0 {
+        "0".into()
+    } else {
+        format!("{:.3}%", 100.0 * v)
+    }
+}
+
+/// The UDP suite's tables: per metric, systems × workloads; then the
+/// ratios of medians.
+fn udp_tables(doc: &Value, names: &[String]) -> String {
+    let works = Measurement::UDP;
+    let drain = doc["runs"]
+        .as_array()
+        .and_then(|r| {
+            r.iter()
+                .find_map(|x| x["report"]["params"]["drain"].as_f64())
+        })
+        .unwrap_or(0.5);
+    let mut s = format!(
+        "One `loadgen udp` run per workload, system and repetition: \"1 assoc, ping-pong\" = \
+         `--assocs 1 --window 1`; \"8 assocs × {UDP_WINDOW_8} in flight\" = `--assocs 8 --window \
+         {UDP_WINDOW_8}` (closed loop); \"2000 assocs at {UDP_RATE_2000}/s\" = `--assocs 2000 --rate \
+         {UDP_RATE_2000}` (open loop, round robin over the associations). A datagram is one echoed \
+         round trip (request and reply both through the relay); loss counts the datagrams sent in \
+         the interval without a reply {drain} s after it; relay CPU per datagram = relay CPU-s \
+         (its descendant processes included) / echoed datagrams.\n\n"
+    );
+    let header = |first: &str| {
+        let mut h = format!("| {first} |");
+        for m in works {
+            h += &format!(" {} |", m.label());
+        }
+        h += "\n|---|";
+        for _ in works {
+            h += "---|";
+        }
+        h + "\n"
+    };
+    for (metric, title) in UDP_METRICS {
+        s += &format!("#### {title}\n\n");
+        s += &header("system");
+        for n in names {
+            s += &format!("| {} |", label_of(doc, n));
+            for m in works {
+                let key = format!("{}_{metric}", m.name());
+                match doc["medians"][n][&key].as_f64() {
+                    Some(v) if metric == "loss" => s += &format!(" {} |", fmt_loss(v)),
+                    Some(v) => s += &format!(" {} |", fmt_num(v)),
+                    None => s += " – |",
+                }
+            }
+            s.push('\n');
+        }
+        s.push('\n');
+    }
+    s += "#### Ratios of medians\n\n`A / B` = A's figure divided by B's (for RTT and CPU, above 1 \
+          means A is slower or costlier):\n\n";
+    s += &header("A / B, figure");
+    if let Some(r) = doc["ratios"].as_object() {
+        let mut keys: Vec<&String> = r.keys().collect();
+        keys.sort_by_key(|k| (!k.starts_with("ringsocks"), (*k).clone()));
+        for k in keys {
+            for (metric, _) in UDP_METRICS.iter().filter(|(m, _)| *m != "loss") {
+                let label = figure(&format!("udp64x1_{metric}")).map_or("?", |f| f.label);
+                s += &format!("| {k}, {label} |");
+                for m in works {
+                    match r[k][&format!("{}_{metric}", m.name())].as_f64() {
+                        Some(v) => s += &format!(" {v:.2} |"),
+                        None => s += " – |",
+                    }
+                }
+                s.push('\n');
+            }
         }
     }
     s
@@ -880,6 +1152,73 @@ mod tests {
     }
 
     #[test]
+    fn udp_figures_cover_every_workload() {
+        assert_eq!(
+            UDP_FIGURES.len(),
+            Measurement::UDP.len() * UDP_METRICS.len()
+        );
+        for m in Measurement::UDP {
+            for (metric, _) in UDP_METRICS {
+                let key = format!("{}_{metric}", m.name());
+                let f = figure(&key).unwrap_or_else(|| panic!("{key}"));
+                assert_eq!(f.from, m);
+            }
+            assert_eq!(m.args()[0], "udp");
+        }
+        let mut keys: Vec<&str> = FIGURES.iter().chain(&UDP_FIGURES).map(|f| f.key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys.len(), FIGURES.len() + UDP_FIGURES.len());
+        assert_eq!(
+            Measurement::Udp1400x8.label(),
+            "1400 B, 8 assocs × 16 in flight"
+        );
+        assert_eq!(Suite::Udp.kinds(), Kind::UDP.to_vec());
+        assert!(!Suite::Full.kinds().contains(&Kind::Ringsocks));
+        assert_eq!(Suite::from_name("udp"), Some(Suite::Udp));
+        assert_eq!(figures_of("udp").len(), 30);
+        assert_eq!(figures_of("ci").len(), FIGURES.len());
+    }
+
+    #[test]
+    fn udp_section_has_its_own_tables() {
+        let report = json!({"results": {"datagrams_per_sec": 5000.0, "loss": {"fraction": 0.0},
+            "rtt": {"p50_us": 90.0, "p99_us": 3000.0}}, "relay_cpu": {"per_datagram": 7.4e-5},
+            "params": {"drain": 0.5}});
+        let f = figure("udp64x1_cpu_us").unwrap();
+        assert!((value_at(&report, f).unwrap() - 74.0).abs() < 1e-9);
+        let meds = json!({
+            "ringsocks": {"udp64x1_dps": 20000.0, "udp64x1_loss": 0.0, "udp64x1_cpu_us": 10.0},
+            "direct": {"udp64x1_dps": 80000.0, "udp64x1_loss": 0.0},
+            "dante": {"udp64x1_dps": 5000.0, "udp64x1_loss": 0.0025, "udp64x1_cpu_us": 74.0},
+        });
+        let names: Vec<String> = ["ringsocks", "direct", "dante"].map(String::from).to_vec();
+        let rats = ratios(&meds, &names, &UDP_FIGURES);
+        assert_eq!(rats["ringsocks/dante"]["udp64x1_dps"], 4.0);
+        assert_eq!(rats["ringsocks/dante"]["udp64x1_loss"], 0.0);
+        assert!(rats["ringsocks/direct"]["udp64x1_loss"].is_null(), "0 / 0");
+        let doc = json!({
+            "suite": "udp", "date": "2026-11-24", "system": {"git": "abc", "kernel": "6.18"},
+            "params": {"reps": 3, "duration": 3.0, "warmup": 0.5, "relay_cpu": 0, "load_cpu": 1},
+            "systems": [{"name": "ringsocks"}, {"name": "direct"}, {"name": "dante", "version": "1.4.2"}],
+            "skipped": [], "medians": meds, "ratios": rats, "wall_seconds": 300.0,
+            "runs": [{"report": report}],
+        });
+        let md = markdown(&doc, Path::new("results/x-udp.json"), Path::new("results"));
+        assert!(md.starts_with("### Suite `udp`"));
+        assert!(md.contains("#### Datagrams/s (echoed)") && md.contains("#### Ratios of medians"));
+        assert!(md.contains("| Dante (danted -N 1) 1.4.2 | 5000 |"), "{md}");
+        assert!(md.contains("| 0.250% |") && md.contains("| direct loopback | 80000 |"));
+        assert!(md.contains("| ringsocks/dante, datagrams/s | 4.00 |"));
+        assert!(!md.contains("conn/s"));
+        // Its block sits next to the TCP suites' without touching them.
+        let tcp = splice_readme("# hand\n", "full", "FULL TABLE\n");
+        let both = splice_readme(&tcp, "udp", &md);
+        assert!(both.contains("FULL TABLE") && both.contains("<!-- suite:udp -->"));
+        assert_eq!(splice_readme(&both, "full", "FULL TABLE\n"), both);
+    }
+
+    #[test]
     fn ratios_to_references_only() {
         let meds = json!({
             "direct": {"tput1_gbps": 20.0},
@@ -889,7 +1228,7 @@ mod tests {
         let names: Vec<String> = ["direct", "ringsocks-splice", "microsocks"]
             .map(String::from)
             .to_vec();
-        let r = ratios(&meds, &names);
+        let r = ratios(&meds, &names, &FIGURES);
         assert_eq!(r["ringsocks-splice/direct"]["tput1_gbps"], 0.5);
         assert_eq!(r["ringsocks-splice/microsocks"]["tput1_gbps"], 5.0);
         assert_eq!(r["microsocks/direct"]["tput1_gbps"], 0.1);

@@ -28,12 +28,26 @@ pub enum Kind {
     RingsocksSplice,
     RingsocksCopy,
     RingsocksAuto,
+    /// ringsocks with its default options (the UDP suite: the forwarding
+    /// path does not matter for datagrams).
+    Ringsocks,
     Dante,
     Microsocks,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
+        Kind::RingsocksAuto,
+        Kind::RingsocksSplice,
+        Kind::RingsocksCopy,
+        Kind::Ringsocks,
+        Kind::Direct,
+        Kind::Dante,
+        Kind::Microsocks,
+    ];
+
+    /// The systems of the TCP suites.
+    pub const TCP: [Kind; 6] = [
         Kind::RingsocksAuto,
         Kind::RingsocksSplice,
         Kind::RingsocksCopy,
@@ -42,12 +56,16 @@ impl Kind {
         Kind::Microsocks,
     ];
 
+    /// The systems of the UDP suite: microsocks has no UDP ASSOCIATE.
+    pub const UDP: [Kind; 3] = [Kind::Ringsocks, Kind::Direct, Kind::Dante];
+
     pub fn name(self) -> &'static str {
         match self {
             Kind::Direct => "direct",
             Kind::RingsocksSplice => "ringsocks-splice",
             Kind::RingsocksCopy => "ringsocks-copy",
             Kind::RingsocksAuto => "ringsocks-auto",
+            Kind::Ringsocks => "ringsocks",
             Kind::Dante => "dante",
             Kind::Microsocks => "microsocks",
         }
@@ -59,6 +77,7 @@ impl Kind {
             Kind::RingsocksSplice => "ringsocks --forward splice",
             Kind::RingsocksCopy => "ringsocks --forward copy",
             Kind::RingsocksAuto => "ringsocks --forward auto (default)",
+            Kind::Ringsocks => "ringsocks",
             Kind::Dante => "Dante (danted -N 1)",
             Kind::Microsocks => "microsocks",
         }
@@ -71,7 +90,7 @@ impl Kind {
     pub fn is_ringsocks(self) -> bool {
         matches!(
             self,
-            Kind::RingsocksSplice | Kind::RingsocksCopy | Kind::RingsocksAuto
+            Kind::RingsocksSplice | Kind::RingsocksCopy | Kind::RingsocksAuto | Kind::Ringsocks
         )
     }
 
@@ -186,11 +205,12 @@ impl Relay {
     pub fn start(kind: Kind, ringsocks: &Path, cpu: Option<usize>) -> Result<Option<Relay>> {
         match kind {
             Kind::Direct => Err("direct loopback has no relay".into()),
-            Kind::RingsocksSplice | Kind::RingsocksCopy | Kind::RingsocksAuto => {
+            Kind::RingsocksSplice | Kind::RingsocksCopy | Kind::RingsocksAuto | Kind::Ringsocks => {
                 let mode = match kind {
-                    Kind::RingsocksSplice => "splice",
-                    Kind::RingsocksCopy => "copy",
-                    _ => "auto",
+                    Kind::RingsocksSplice => Some("splice"),
+                    Kind::RingsocksCopy => Some("copy"),
+                    Kind::RingsocksAuto => Some("auto"),
+                    _ => None,
                 };
                 if !ringsocks.exists() {
                     return Err(format!(
@@ -199,18 +219,13 @@ impl Relay {
                     )
                     .into());
                 }
-                let args: Vec<String> = [
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--shards",
-                    "1",
-                    "--forward",
-                    mode,
-                    "--log-level",
-                    "warn",
-                ]
-                .map(String::from)
-                .to_vec();
+                let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--shards", "1"]
+                    .map(String::from)
+                    .to_vec();
+                if let Some(mode) = mode {
+                    args.extend(["--forward".into(), mode.into()]);
+                }
+                args.extend(["--log-level".into(), "warn".into()]);
                 let (mut cmd, argv) = pinned(cpu, ringsocks, &args);
                 let mut child = cmd
                     .stdin(Stdio::null())
@@ -419,8 +434,10 @@ pub fn enter_private_netns() -> Result<()> {
     Ok(())
 }
 
-/// The Dante configuration of the suite: one internal and external address
-/// on loopback, no authentication, everything allowed.
+/// The Dante configuration of the suites: one internal and external address
+/// on loopback, no authentication, every command allowed (UDP ASSOCIATE and
+/// the UDP replies included; listing them is the same as Dante's default,
+/// but says so).
 pub fn dante_config(port: u16) -> String {
     format!(
         "logoutput: stderr\n\
@@ -431,7 +448,8 @@ pub fn dante_config(port: u16) -> String {
          user.privileged: root\n\
          user.unprivileged: nobody\n\
          client pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}\n\
-         socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}\n"
+         socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 \
+         command: bind connect udpassociate bindreply udpreply }}\n"
     )
 }
 
@@ -495,6 +513,7 @@ mod tests {
         assert!(c.contains("internal: 127.0.0.1 port = 1234"));
         assert!(c.contains("socksmethod: none"));
         assert!(c.contains("client pass {"));
+        assert!(c.contains("udpassociate") && c.contains("udpreply"));
     }
 
     #[test]
