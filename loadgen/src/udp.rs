@@ -968,7 +968,8 @@ pub fn run(a: &Args) -> Result<()> {
             None => Pace::Closed { window: a.window },
             Some(r) => {
                 let rate = r * mine.len() as f64 / opened as f64;
-                // About 8 datagrams per tick: a wake-up costs more than a send.
+                // About 2 datagrams per tick: a wake-up costs more than a send,
+                // and bigger bursts would add to the RTT of their last datagrams.
                 let tick = Duration::from_secs_f64((2.0 / rate).clamp(100e-6, 1e-3));
                 Pace::Open { rate, tick }
             }
