@@ -6,7 +6,7 @@
 #   scripts/bench.sh                       # full suite: ~5 s per measurement, 3 reps (~10 min)
 #   scripts/bench.sh --suite ci            # short suite (CI): 2 s per measurement (~3 min)
 #   scripts/bench.sh --suite udp           # UDP ASSOCIATE: ringsocks, direct, Dante; 64/1400 B
-#                                          # over 1, 8, 2000 associations, 3 s each (~5 min)
+#                                          # over 1, 8, 2000 associations, 3 s each (~3.5 min)
 #   scripts/bench.sh --reps 5 --system ringsocks-splice --system direct
 #
 # Writes results/<date>-<suite>.json, results/<suite>.svg and the suite's block of the generated

@@ -1061,10 +1061,18 @@ fn udp_tables(doc: &Value, names: &[String]) -> String {
         keys.sort_by_key(|k| (!k.starts_with("ringsocks"), (*k).clone()));
         for k in keys {
             for (metric, _) in UDP_METRICS.iter().filter(|(m, _)| *m != "loss") {
+                let vals: Vec<Option<f64>> = works
+                    .iter()
+                    .map(|m| r[k][&format!("{}_{metric}", m.name())].as_f64())
+                    .collect();
+                // No row for a figure one side lacks (relay CPU of direct loopback).
+                if vals.iter().all(Option::is_none) {
+                    continue;
+                }
                 let label = figure(&format!("udp64x1_{metric}")).map_or("?", |f| f.label);
                 s += &format!("| {k}, {label} |");
-                for m in works {
-                    match r[k][&format!("{}_{metric}", m.name())].as_f64() {
+                for v in vals {
+                    match v {
                         Some(v) => s += &format!(" {} |", fmt_ratio(v)),
                         None => s += " – |",
                     }
@@ -1233,6 +1241,8 @@ mod tests {
         assert!(md.contains("| Dante (danted -N 1) 1.4.2 | 5000 |"), "{md}");
         assert!(md.contains("| 0.250% |") && md.contains("| direct loopback | 80000 |"));
         assert!(md.contains("| ringsocks/dante, datagrams/s | 4.00 |"));
+        assert!(md.contains("| ringsocks/dante, relay CPU/datagram |"));
+        assert!(!md.contains("ringsocks/direct, relay CPU"), "{md}");
         assert!(!md.contains("conn/s"));
         // Its block sits next to the TCP suites' without touching them.
         let tcp = splice_readme("# hand\n", "full", "FULL TABLE\n");
