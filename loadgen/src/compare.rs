@@ -656,7 +656,8 @@ pub fn run(a: &Args) -> Result<()> {
     // on demand, and the process set must be stable for its CPU figure to
     // cover every worker; the others get the same treatment for fairness.
     let warm_ups: &[Measurement] = match a.suite {
-        Suite::Udp => &[Measurement::Udp64x8],
+        // Dante forks a worker per few associations: let it fork for 2000 once.
+        Suite::Udp => &[Measurement::Udp64x8, Measurement::Udp64x2000],
         _ => &[Measurement::Cps, Measurement::Tput16],
     };
     for r in relays.values() {
