@@ -989,7 +989,8 @@ pub fn markdown(doc: &Value, json_path: &Path, results_dir: &Path) -> String {
 
 /// A ratio with 2 decimals, or 2 significant digits when it is below 0.1.
 fn fmt_ratio(v: f64) -> String {
-    if v == 0.0 || v.abs() >= 0.1 {
+    // 0.0995 and up print as 0.10 with 2 decimals.
+    if v == 0.0 || v.abs() >= 0.0995 {
         format!("{v:.2}")
     } else {
         let digits = (1.0 - v.abs().log10().floor()).clamp(2.0, 12.0) as usize;
@@ -1178,6 +1179,7 @@ mod tests {
         assert_eq!(fmt_ratio(0.25), "0.25");
         assert_eq!(fmt_ratio(0.0017), "0.0017");
         assert_eq!(fmt_ratio(0.034), "0.034");
+        assert_eq!(fmt_ratio(0.0996), "0.10");
         assert_eq!(fmt_ratio(0.0), "0.00");
         assert_eq!(fmt_loss(0.0), "0");
         assert_eq!(fmt_loss(0.0025), "0.250%");
