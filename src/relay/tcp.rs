@@ -555,18 +555,24 @@ impl Conn {
             return self.fail(io, RelayError::General("outbound socket has no address"));
         };
         self.target = Some(io.files.install(&io.ring, sock));
-        let mut out = std::mem::take(&mut self.reply_prefix);
-        proto::codec::encode_reply(Rep::SUCCEEDED, &Addr::Ip(bnd), &mut out);
-        self.phase = Phase::Replying;
-        self.pending_sends = 1;
-        let cfd = self.client_fd();
-        self.send(io, cfd, out, 0, kind::REPLY_SEND);
+        self.send_success_reply(io, bnd);
         if !self.early.is_empty() {
             self.pending_sends += 1;
             let early = std::mem::take(&mut self.early);
             let tfd = self.target_fd();
             self.send(io, tfd, early, 0, kind::EARLY_SEND);
         }
+    }
+
+    /// Sends the success reply with `bnd` (after any pending handshake output); the next phase
+    /// starts once every pending send is out.
+    fn send_success_reply(&mut self, io: &mut Io, bnd: SocketAddr) {
+        let mut out = std::mem::take(&mut self.reply_prefix);
+        proto::codec::encode_reply(Rep::SUCCEEDED, &Addr::Ip(bnd), &mut out);
+        self.phase = Phase::Replying;
+        self.pending_sends = 1;
+        let cfd = self.client_fd();
+        self.send(io, cfd, out, 0, kind::REPLY_SEND);
     }
 
     fn on_reply_send(&mut self, io: &mut Io, k: u8, c: Completion) {
@@ -697,12 +703,7 @@ impl Conn {
         )));
         // Control-channel bytes after the request mean nothing: drop them.
         self.early.clear();
-        let mut out = std::mem::take(&mut self.reply_prefix);
-        proto::codec::encode_reply(Rep::SUCCEEDED, &Addr::Ip(bnd), &mut out);
-        self.phase = Phase::Replying;
-        self.pending_sends = 1;
-        let cfd = self.client_fd();
-        self.send(io, cfd, out, 0, kind::REPLY_SEND);
+        self.send_success_reply(io, bnd);
     }
 
     /// The reply is out: start relaying datagrams and watch the control connection.
