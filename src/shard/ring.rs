@@ -36,6 +36,22 @@ macro_rules! on_target {
     };
 }
 
+/// A `send` SQE (no SIGPIPE), to `dest` when given (a datagram to an unconnected socket). The
+/// caller pushes it and keeps `buf` and `dest` alive until the op's final completion.
+fn send_sqe(
+    fd: Target,
+    buf: *const u8,
+    len: u32,
+    dest: Option<(*const libc::sockaddr, libc::socklen_t)>,
+) -> squeue::Entry {
+    let (addr, addr_len) = dest.unwrap_or((std::ptr::null(), 0));
+    on_target!(fd, f => opcode::Send::new(f, buf, len)
+        .flags(libc::MSG_NOSIGNAL)
+        .dest_addr(addr)
+        .dest_addr_len(addr_len)
+        .build())
+}
+
 /// Memory an in-flight op owns until its final completion.
 #[derive(Debug, Default)]
 pub enum OpMem {
@@ -328,9 +344,7 @@ impl Ring {
         let ptr = buf[off..].as_ptr();
         let len = (buf.len() - off) as u32;
         let ud = self.alloc(owner, OpMem::Buf { buf, off });
-        let sqe = on_target!(fd, f => opcode::Send::new(f, ptr, len)
-            .flags(libc::MSG_NOSIGNAL)
-            .build());
+        let sqe = send_sqe(fd, ptr, len, None);
         // SAFETY: the kernel reads the Vec's initialised bytes, a heap block owned by this op's
         // slot until the final completion.
         unsafe { self.push(sqe.user_data(ud)) };
@@ -350,9 +364,7 @@ impl Ring {
     ) -> OpId {
         let ptr = bufs.ptr(bid, off);
         let ud = self.alloc(owner, OpMem::Pbuf { bid, off, end });
-        let sqe = on_target!(fd, f => opcode::Send::new(f, ptr, end - off)
-            .flags(libc::MSG_NOSIGNAL)
-            .build());
+        let sqe = send_sqe(fd, ptr, end - off, None);
         // SAFETY: `ptr` points into the buffer ring's data area, which lives as long as the
         // shard; buffer `bid` is owned by this op (recorded in its slot) and only returned to
         // the kernel's ring after this op's final completion.
@@ -379,11 +391,7 @@ impl Ring {
         let ptr = bufs.ptr(bid, off);
         let addr = bufs.ptr(bid, addr_off) as *const libc::sockaddr;
         let ud = self.alloc(owner, OpMem::Pbuf { bid, off, end });
-        let sqe = on_target!(fd, f => opcode::Send::new(f, ptr, end - off)
-            .flags(libc::MSG_NOSIGNAL)
-            .dest_addr(addr)
-            .dest_addr_len(addr_len)
-            .build());
+        let sqe = send_sqe(fd, ptr, end - off, Some((addr, addr_len)));
         // SAFETY: payload and destination address both lie in buffer `bid` of the buffer
         // ring's data area (bounds asserted above and in `ptr`), which lives as long as the
         // shard; the buffer id is owned by this op's slot and recycled only after its final
@@ -403,11 +411,7 @@ impl Ring {
         let (ptr, len) = (buf.as_ptr(), buf.len() as u32);
         let (aptr, alen) = (addr.as_ptr() as *const libc::sockaddr, addr.len());
         let ud = self.alloc(owner, OpMem::BufTo { buf, addr });
-        let sqe = on_target!(fd, f => opcode::Send::new(f, ptr, len)
-            .flags(libc::MSG_NOSIGNAL)
-            .dest_addr(aptr)
-            .dest_addr_len(alen)
-            .build());
+        let sqe = send_sqe(fd, ptr, len, Some((aptr, alen)));
         // SAFETY: the datagram and the sockaddr are heap blocks owned by this op's slot until
         // its final completion.
         unsafe { self.push(sqe.user_data(ud)) };
