@@ -26,8 +26,9 @@ pub struct BufRing {
     tail: u16,
     /// Buffers the kernel handed to us and we have not recycled yet.
     held: u32,
-    /// One bit per buffer: set while the application owns it (claimed, not yet recycled).
-    owned: Vec<u64>,
+    /// Per buffer: how many holders the application has (0 = the kernel's). A claim makes one;
+    /// each op that reads the buffer beyond the first adds one with [`BufRing::retain`].
+    refs: Vec<u16>,
     dirty: bool,
 }
 
@@ -57,7 +58,7 @@ impl BufRing {
             data_layout,
             tail: 0,
             held: 0,
-            owned: vec![0; (entries as usize).div_ceil(64)],
+            refs: vec![0; entries as usize],
             dirty: false,
         };
         // SAFETY: the ring memory is page aligned, sized for `entries`, zeroed (so the tail
@@ -97,7 +98,7 @@ impl BufRing {
     }
 
     fn owns(&self, bid: u16) -> bool {
-        self.owned[bid as usize / 64] & (1 << (bid % 64)) != 0
+        self.refs[bid as usize] != 0
     }
 
     /// Records that a completion handed us buffer `bid`.
@@ -106,8 +107,15 @@ impl BufRing {
             bid < self.entries && !self.owns(bid),
             "buffer {bid} claimed twice"
         );
-        self.owned[bid as usize / 64] |= 1 << (bid % 64);
+        self.refs[bid as usize] = 1;
         self.held += 1;
+    }
+
+    /// Adds a holder to buffer `bid` (one more op reads it): it goes back to the kernel only
+    /// after every holder has called [`BufRing::recycle`].
+    pub fn retain(&mut self, bid: u16) {
+        assert!(self.owns(bid), "buffer {bid} is the kernel's");
+        self.refs[bid as usize] += 1;
     }
 
     /// The whole of buffer `bid`, which the application owns (claimed and not recycled, and
@@ -130,11 +138,15 @@ impl BufRing {
         u32::from(self.entries) - self.held
     }
 
-    /// Gives buffer `bid` back to the kernel (visible after the next `publish`).
+    /// Drops one holder of buffer `bid`; the last one gives it back to the kernel (visible
+    /// after the next `publish`).
     pub fn recycle(&mut self, bid: u16) {
         // Giving the kernel a buffer twice would let two receives write into it at once.
         assert!(self.owns(bid), "buffer {bid} recycled twice");
-        self.owned[bid as usize / 64] &= !(1 << (bid % 64));
+        self.refs[bid as usize] -= 1;
+        if self.refs[bid as usize] > 0 {
+            return;
+        }
         self.held -= 1;
         let mask = self.entries - 1;
         // SAFETY: the index is masked into the ring; the entry at the tail is ours to write

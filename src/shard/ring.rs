@@ -65,6 +65,15 @@ pub enum OpMem {
     Time(Box<types::Timespec>),
     /// A provided buffer that a send reads from (`bid`, bytes `off..end`).
     Pbuf { bid: u16, off: u32, end: u32 },
+    /// A provided buffer sent with `sendmsg` to `dest` (`send_pbuf_msg`): as UDP GSO segments
+    /// of `gso` bytes when `gso` is non-zero. The op slot also owns the message header.
+    PbufMsg {
+        bid: u16,
+        off: u32,
+        end: u32,
+        gso: u16,
+        dest: std::net::SocketAddr,
+    },
     /// A heap datagram and its destination (`send_to`).
     BufTo {
         buf: Vec<u8>,
@@ -72,13 +81,41 @@ pub enum OpMem {
     },
 }
 
+/// The `msghdr` of a `sendmsg` from a provided buffer, with everything it points at except the
+/// payload: one iovec, the destination and room for a `UDP_SEGMENT` control message. Boxed in
+/// its op slot, so its address is stable while the kernel reads it; reused by later ops of the
+/// same slot.
+struct MsgBundle {
+    hdr: libc::msghdr,
+    iov: libc::iovec,
+    name: socket2::SockAddr,
+    cmsg: SegmentCmsg,
+}
+
+/// A `UDP_SEGMENT` control message: `CMSG_SPACE(sizeof(u16))` bytes.
+#[repr(C)]
+struct SegmentCmsg {
+    hdr: libc::cmsghdr,
+    size: u16,
+    _pad: [u8; 6],
+}
+
 /// `msg_namelen` of the multishot recvmsg template: room for any socket address we receive
 /// (a `sockaddr_in6` is 28 bytes) plus slack, so that a relay can build a reply header and a
 /// destination address in front of the payload without moving it.
 pub const RECVMSG_NAME_LEN: u32 = 64;
+/// `msg_controllen` of the template: one `cmsghdr` with an int, `CMSG_SPACE(4)`. The only
+/// control message a relay socket gets is `UDP_GRO` (the segment size of a coalesced receive).
+pub const RECVMSG_CONTROL_LEN: u32 = 24;
+/// Where the control data starts in a multishot recvmsg buffer.
+pub const RECVMSG_CONTROL_OFF: u32 = 16 + RECVMSG_NAME_LEN;
 /// Where the payload starts in a multishot recvmsg buffer: `io_uring_recvmsg_out` (16 bytes),
-/// then the name area, then the payload (no control data is asked for).
-pub const RECVMSG_PAYLOAD_OFF: u32 = 16 + RECVMSG_NAME_LEN;
+/// then the name area, then the control area, then the payload.
+pub const RECVMSG_PAYLOAD_OFF: u32 = RECVMSG_CONTROL_OFF + RECVMSG_CONTROL_LEN;
+const _: () = assert!(
+    std::mem::size_of::<libc::cmsghdr>() + 4 <= RECVMSG_CONTROL_LEN as usize
+        && std::mem::size_of::<SegmentCmsg>() == 24
+);
 
 /// A finished (or, for multishot ops, a progressing) operation.
 #[derive(Debug)]
@@ -101,6 +138,8 @@ struct OpSlot {
     generation: u32,
     owner: u64,
     mem: OpMem,
+    /// The message header of this slot's `sendmsg` ops, allocated on the slot's first one.
+    msg: Option<Box<MsgBundle>>,
 }
 
 /// Applies one set of ring setup flags to a builder.
@@ -146,6 +185,7 @@ impl Ring {
                     // SAFETY: msghdr is plain old data; all-zero is a valid (empty) header.
                     let mut hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
                     hdr.msg_namelen = RECVMSG_NAME_LEN;
+                    hdr.msg_controllen = RECVMSG_CONTROL_LEN as usize;
                     return Ok(Ring {
                         ring,
                         recvmsg_hdr: hdr,
@@ -178,6 +218,7 @@ impl Ring {
                     generation: 0,
                     owner,
                     mem,
+                    msg: None,
                 });
                 (self.slots.len() - 1) as u32
             }
@@ -396,6 +437,79 @@ impl Ring {
         // ring's data area (bounds asserted above and in `ptr`), which lives as long as the
         // shard; the buffer id is owned by this op's slot and recycled only after its final
         // completion.
+        unsafe { self.push(sqe.user_data(ud)) };
+        OpId(ud)
+    }
+
+    /// Sends bytes `off..end` of provided buffer `bid` to `dest` with `sendmsg`: as one
+    /// datagram when `gso` is 0, else as UDP GSO segments of `gso` bytes (the last may be
+    /// shorter), which the kernel splits after a single pass through the stack. The op owns
+    /// one hold on the buffer until its final completion.
+    #[allow(clippy::too_many_arguments)]
+    pub fn send_pbuf_msg(
+        &mut self,
+        fd: Target,
+        bufs: &super::bufring::BufRing,
+        bid: u16,
+        off: u32,
+        end: u32,
+        dest: std::net::SocketAddr,
+        gso: u16,
+        owner: u64,
+    ) -> OpId {
+        assert!(off <= end && end <= bufs.buf_size());
+        let ptr = bufs.ptr(bid, off);
+        let ud = self.alloc(
+            owner,
+            OpMem::PbufMsg {
+                bid,
+                off,
+                end,
+                gso,
+                dest,
+            },
+        );
+        let slot = &mut self.slots[(ud & 0xffff_ffff) as usize];
+        let m = slot.msg.get_or_insert_with(|| {
+            Box::new(MsgBundle {
+                // SAFETY: msghdr and cmsghdr are plain old data; all-zero is a valid value.
+                hdr: unsafe { std::mem::zeroed() },
+                iov: libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                },
+                name: socket2::SockAddr::from(dest),
+                // SAFETY: as above.
+                cmsg: unsafe { std::mem::zeroed() },
+            })
+        });
+        m.name = socket2::SockAddr::from(dest);
+        m.iov = libc::iovec {
+            iov_base: ptr as *mut libc::c_void,
+            iov_len: (end - off) as usize,
+        };
+        m.hdr.msg_name = m.name.as_ptr() as *mut libc::c_void;
+        m.hdr.msg_namelen = m.name.len();
+        m.hdr.msg_iov = &mut m.iov;
+        m.hdr.msg_iovlen = 1;
+        if gso == 0 {
+            m.hdr.msg_control = std::ptr::null_mut();
+            m.hdr.msg_controllen = 0;
+        } else {
+            m.cmsg.hdr.cmsg_len = std::mem::size_of::<libc::cmsghdr>() + 2;
+            m.cmsg.hdr.cmsg_level = libc::SOL_UDP;
+            m.cmsg.hdr.cmsg_type = libc::UDP_SEGMENT;
+            m.cmsg.size = gso;
+            m.hdr.msg_control = &mut m.cmsg as *mut SegmentCmsg as *mut libc::c_void;
+            m.hdr.msg_controllen = std::mem::size_of::<SegmentCmsg>();
+        }
+        let hdr: *const libc::msghdr = &m.hdr;
+        let sqe = on_target!(fd, f => opcode::SendMsg::new(f, hdr).build());
+        // SAFETY: the msghdr, its iovec, name and control message live in the box owned by
+        // this op's slot, which is neither reused nor freed before the op's final completion
+        // (the box stays with the slot). The iovec points into buffer `bid` of the buffer
+        // ring's data area (bounds asserted above and in `ptr`), which lives as long as the
+        // shard; this op holds the buffer until its final completion.
         unsafe { self.push(sqe.user_data(ud)) };
         OpId(ud)
     }

@@ -1,5 +1,5 @@
-//! Process-level system calls with no safe std or socket2 equivalent: file limits, SIGPIPE,
-//! and waiting for SIGINT/SIGTERM.
+//! System calls with no safe std or socket2 equivalent: file limits, SIGPIPE, waiting for
+//! SIGINT/SIGTERM, and UDP GRO.
 
 use std::io;
 
@@ -47,6 +47,29 @@ pub fn nofile_soft() -> u64 {
         return 1024;
     }
     lim.rlim_cur
+}
+
+/// Turns on UDP GRO for `sock`: the kernel may then hand one receive several datagrams of one
+/// flow, back to back, with their segment size in a `UDP_GRO` control message (a sender's GSO
+/// burst arrives as it was sent). socket2 has no setter for it.
+pub fn set_udp_gro(sock: &impl std::os::fd::AsRawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from the int we pass; the fd is
+    // borrowed from a live socket.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            &on as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// A peer that resets while we splice into it must give EPIPE, not kill the process.
