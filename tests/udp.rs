@@ -12,6 +12,7 @@ mod common;
 use common::*;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -966,4 +967,81 @@ fn association_without_traffic_ends_on_idle_timeout() {
     let mut a = UdpAssoc::open(relay.addr, "127.0.0.1:0");
     let (o, _) = wait_closed(&mut a.control, Duration::from_secs(2));
     assert_eq!(o, CloseOutcome::StillOpen { extra: vec![] });
+}
+
+/// Runs `tests/support/udp_gso.py MODE --proxy RELAY ARGS..` and expects its "OK" line.
+fn udp_gso(mode: &str, relay: SocketAddr, args: &[&str]) {
+    let py = python_with_socks();
+    let mut argv = vec![
+        support_script("udp_gso.py").display().to_string(),
+        mode.to_string(),
+        "--proxy".to_string(),
+        relay.to_string(),
+    ];
+    argv.extend(args.iter().map(|a| a.to_string()));
+    let (st, out, err) = run_bounded(&py, &argv, Duration::from_secs(60));
+    assert!(
+        st.is_some_and(|s| s.success()) && out.contains("OK"),
+        "udp_gso.py {mode} {args:?} failed (status {st:?})\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    println!("udp_gso {mode}: {}", out.trim());
+}
+
+/// A client that sends with UDP GSO hands the relay many datagrams in one receive: each is
+/// relayed on its own (one target, two targets, garbage among them, a short last one, domain
+/// and IPv4 headers mixed, fragments, 64 x 1,000 bytes).
+#[test]
+fn gso_bursts_from_the_client_are_relayed_datagram_by_datagram() {
+    let relay = relay1(&[]);
+    udp_gso("client-burst", relay.addr, &[]);
+}
+
+/// A target that answers with a GSO burst: every datagram reaches the client with its own
+/// header, including bursts the relay must split (over 64 datagrams, or over 64 KiB once the
+/// headers are added).
+#[test]
+fn gso_bursts_from_a_target_reach_the_client_datagram_by_datagram() {
+    let relay = relay1(&[]);
+    udp_gso("target-burst", relay.addr, &[]);
+    if has_ipv6_loopback() {
+        udp_gso("target-burst", relay.addr, &["--v6"]);
+    }
+}
+
+/// When the route to a target cannot take GSO segments that large (its MTU is smaller), the
+/// relay sends those datagrams one by one instead of losing them. Needs a network namespace of
+/// its own (root).
+#[test]
+fn gso_refused_by_the_route_falls_back_to_single_sends() {
+    if skip_unless_ringsocks("gso_refused_by_the_route_falls_back_to_single_sends") {
+        return;
+    }
+    let log = tmp_path("gso-fallback.log");
+    let argv: Vec<String> = [
+        "-n".to_string(),
+        "sh".to_string(),
+        support_script("gso_fallback.sh").display().to_string(),
+        relay_bin().display().to_string(),
+        python_with_socks().display().to_string(),
+        support_script("udp_gso.py").display().to_string(),
+        log.display().to_string(),
+    ]
+    .into();
+    let (st, out, err) = run_bounded(Path::new("unshare"), &argv, Duration::from_secs(90));
+    let relay_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        st.is_some_and(|s| s.success()) && out.contains("OK"),
+        "gso_fallback.sh failed (status {st:?}; needs root for unshare -n)\nstdout:\n{out}\n\
+         stderr:\n{err}\nrelay log:\n{relay_log}"
+    );
+    assert!(
+        relay_log.contains("udp GSO send refused"),
+        "the route's MTU should have refused GSO (so the fallback ran):\n{relay_log}"
+    );
+    let closed = relay_log
+        .lines()
+        .find(|l| l.contains("udp association closed"))
+        .unwrap_or_else(|| panic!("no association line:\n{relay_log}"));
+    assert_eq!(field(closed, "relayed_out"), 16, "{closed}");
+    assert_eq!(field(closed, "dropped_other"), 0, "{closed}");
 }

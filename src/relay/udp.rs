@@ -9,14 +9,22 @@
 //!   is reachable by construction); the **target-facing** one is a dual-stack IPv6 socket on
 //!   an ephemeral port (IPv4 only where the host has no IPv6), so one association can talk to
 //!   any number of IPv4 and IPv6 targets.
-//! - Both receive with a multishot recvmsg into the shard's UDP provided-buffer ring: one
-//!   datagram per buffer, its source address in front of the payload. Nothing is allocated and
-//!   nothing is copied per datagram: client -> target sends the payload straight from the
-//!   buffer, with the target's address written over the (already read) source address;
-//!   target -> client writes the SOCKS header into the bytes just before the payload and sends
-//!   header + payload in one piece. Sends are SQEs like any other, so every datagram of a turn
-//!   goes to the kernel in the turn's one `io_uring_enter`; a buffer is recycled only when the
-//!   send that reads it has completed.
+//! - Both receive with a multishot recvmsg into the shard's UDP provided-buffer ring, the
+//!   source address in front of the payload. Nothing is allocated and nothing is copied per
+//!   datagram: client -> target sends the payload straight from the buffer, with the target's
+//!   address written over the (already read) source address; target -> client writes the
+//!   SOCKS header into the bytes just before the payload and sends header + payload in one
+//!   piece. Sends are SQEs like any other, so every datagram of a turn goes to the kernel in
+//!   the turn's one `io_uring_enter`; a buffer is recycled only when every send that reads it
+//!   has completed (the buffer ring counts holders).
+//! - Both sockets have UDP GRO on, so a peer's GSO burst (or a NIC's GRO train) arrives as one
+//!   receive of equal-sized datagrams. The relay answers in kind: client -> target moves each
+//!   payload down over its header and sends each run of equal datagrams to one target as one
+//!   GSO send; target -> client moves the payloads up to open room for a header in front of
+//!   each and sends the lot as GSO segments of header + payload. The copies are a few bytes to
+//!   64 KiB of memmove per receive, against a kernel pass per datagram saved (the whole cost of
+//!   a UDP relay on loopback). If a route refuses GSO segments that large (its MTU is
+//!   smaller), those datagrams are re-sent one by one, and later runs that size go singly.
 //! - The rules of who may send and of fragment reassembly are sans-IO
 //!   ([`crate::proto::udp_assoc`]); this file only feeds them and acts on the answers.
 //! - Every dropped datagram is counted by reason; the counts are logged when the association
@@ -28,11 +36,12 @@ use std::time::Instant;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tracing::debug;
 
+use crate::config::Config;
 use crate::dns::ResolveError;
 use crate::proto::udp::decode_udp_header;
 use crate::proto::udp_assoc::{ClientCheck, ClientFilter, FragStep, Reassembler};
 use crate::proto::Addr;
-use crate::shard::ring::{RECVMSG_NAME_LEN, RECVMSG_PAYLOAD_OFF};
+use crate::shard::ring::{RECVMSG_CONTROL_OFF, RECVMSG_NAME_LEN, RECVMSG_PAYLOAD_OFF};
 use crate::shard::sockaddr::{read_sockaddr, to_dual_stack, write_sockaddr};
 use crate::shard::{kind, Completion, Io, OpId, OpMem, SockHandle, Target, Token};
 
@@ -50,6 +59,10 @@ pub const FRAG_BUDGET: usize = 32 << 20;
 const MAX_RECV_ERRORS: u32 = 8;
 /// Socket buffer sizes asked for (the kernel caps them at net.core.[rw]mem_max).
 const SOCK_BUF: usize = 4 << 20;
+/// Most datagrams in one UDP GSO send (the kernel's UDP_MAX_SEGMENTS is 64 or more).
+const GSO_MAX_SEGMENTS: u32 = 64;
+/// Most bytes in one UDP GSO send (it must fit one IPv4 packet's length field).
+const GSO_MAX_BYTES: u32 = 65_000;
 
 /// Per-association counters, logged when it ends.
 #[derive(Default, Debug)]
@@ -92,6 +105,11 @@ pub struct Assoc {
     recv_errors: u32,
     pending: Vec<PendingName>,
     next_pending_id: u8,
+    /// Per socket (CLIENT, TARGET): GSO sends of segments above this size failed once (a
+    /// route MTU below the segment), so such runs now go one datagram per send.
+    gso_limit: [u32; 2],
+    /// Scratch for the runs of one coalesced receive (kept to avoid allocating per receive).
+    runs: Vec<Run>,
     /// Ops in flight on the two UDP sockets (the control connection counts its own).
     pub inflight: u32,
     pub stats: Stats,
@@ -125,6 +143,9 @@ pub fn open_sockets(local: SocketAddr) -> std::io::Result<(Socket, Socket, bool)
         };
     let _ = tsock.set_recv_buffer_size(SOCK_BUF);
     let _ = tsock.set_send_buffer_size(SOCK_BUF);
+    // Without GRO (an old kernel) every receive is one datagram, and nothing else changes.
+    let _ = crate::shard::sys::set_udp_gro(&csock);
+    let _ = crate::shard::sys::set_udp_gro(&tsock);
     Ok((csock, tsock, v6))
 }
 
@@ -133,23 +154,82 @@ pub fn open_sockets(local: SocketAddr) -> std::io::Result<(Socket, Socket, bool)
 // the name area.
 const _: () = assert!(28 <= RECVMSG_PAYLOAD_OFF - 22 && 28 <= RECVMSG_NAME_LEN);
 
-/// What the header of a datagram received into a provided buffer says.
+/// What the header of a receive into a provided buffer says.
 struct RecvMsg {
     src: Option<SocketAddr>,
     /// Payload bytes `RECVMSG_PAYLOAD_OFF..end` of the buffer.
     end: u32,
     truncated: bool,
+    /// With UDP GRO, the receive holds several datagrams of `gso` bytes each, back to back
+    /// (the last may be shorter); 0 when it holds one.
+    gso: u32,
+}
+
+impl RecvMsg {
+    /// How many datagrams the receive holds.
+    fn datagrams(&self) -> u64 {
+        let len = self.end - RECVMSG_PAYLOAD_OFF;
+        match self.gso {
+            0 => 1,
+            g => u64::from(len.div_ceil(g).max(1)),
+        }
+    }
 }
 
 fn parse_recvmsg(buf: &[u8], res: u32) -> RecvMsg {
     let word = |i: usize| u32::from_ne_bytes(buf[i..i + 4].try_into().expect("4 bytes"));
     let namelen = word(0).min(RECVMSG_NAME_LEN) as usize;
+    let controllen = word(4) as usize;
     let flags = word(12) as i32;
     let name = &buf[16..16 + namelen];
+    let end = res.max(RECVMSG_PAYLOAD_OFF);
+    // One cmsghdr (len: usize, level: i32, type: i32) and its int, if the kernel wrote it.
+    let c = RECVMSG_CONTROL_OFF as usize;
+    let word_at = |i: usize| word(c + i) as i32;
+    let gso = if controllen >= 20 && word_at(8) == libc::SOL_UDP && word_at(12) == libc::UDP_GRO {
+        // A segment size covering the whole payload means one datagram.
+        match word_at(16) {
+            g if g > 0 && (g as u32) < end - RECVMSG_PAYLOAD_OFF => g as u32,
+            _ => 0,
+        }
+    } else {
+        0
+    };
     RecvMsg {
         src: read_sockaddr(name),
-        end: res.max(RECVMSG_PAYLOAD_OFF),
+        end,
         truncated: flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0,
+        gso,
+    }
+}
+
+/// Consecutive datagrams of one coalesced receive that go to one destination in one send:
+/// bytes `off..end` of the buffer, `count` datagrams of `seg` bytes (the last may be shorter).
+struct Run {
+    off: u32,
+    end: u32,
+    seg: u32,
+    count: u32,
+    dst: SocketAddr,
+    /// A shorter datagram ended the run (GSO allows only the last to be short).
+    closed: bool,
+}
+
+impl Run {
+    /// Appends a datagram of `len` bytes at the run's end if GSO can carry it with the rest.
+    fn extend(&mut self, dst: SocketAddr, len: u32) -> bool {
+        let fits = !self.closed
+            && self.dst == dst
+            && self.seg > 0
+            && len <= self.seg
+            && self.count < GSO_MAX_SEGMENTS
+            && self.end - self.off + len <= GSO_MAX_BYTES;
+        if fits {
+            self.end += len;
+            self.count += 1;
+            self.closed = len < self.seg;
+        }
+        fits
     }
 }
 
@@ -177,6 +257,8 @@ impl Assoc {
             recv_errors: 0,
             pending: Vec::new(),
             next_pending_id: 0,
+            gso_limit: [u32::MAX; 2],
+            runs: Vec::new(),
             inflight: 0,
             stats: Stats::default(),
             last_active: now,
@@ -276,7 +358,7 @@ impl Assoc {
             bufs.claim(bid);
             bufs.recycle(bid);
         }
-        if let OpMem::Pbuf { bid, .. } = c.mem {
+        if let OpMem::Pbuf { bid, .. } | OpMem::PbufMsg { bid, .. } = c.mem {
             bufs.recycle(bid);
         }
     }
@@ -352,24 +434,27 @@ impl Assoc {
         Ok(())
     }
 
-    /// A datagram from the client-facing socket: check the source, parse the header, send the
-    /// payload on (or reassemble, or wait for the name).
+    /// A receive on the client-facing socket: check the source, then relay its datagram (or,
+    /// after a coalesced receive, each of its datagrams).
     fn on_client_datagram(&mut self, io: &mut Io, bid: u16, res: u32) {
         let bufs = io.ubufs.as_mut().expect("checked by the caller");
-        let buf = bufs.buf_mut(bid);
-        let m = parse_recvmsg(buf, res);
+        let m = parse_recvmsg(bufs.buf_mut(bid), res);
         let Some(src) = m.src else {
-            self.stats.dropped_malformed += 1;
+            self.stats.dropped_malformed += m.datagrams();
             return Self::recycle(io, bid);
         };
         if !self.filter.admit(src) {
-            self.stats.dropped_foreign += 1;
+            self.stats.dropped_foreign += m.datagrams();
             return Self::recycle(io, bid);
         }
         if m.truncated {
-            self.stats.dropped_malformed += 1;
+            self.stats.dropped_malformed += m.datagrams();
             return Self::recycle(io, bid);
         }
+        if m.gso != 0 {
+            return self.on_client_burst(io, bid, &m);
+        }
+        let buf = bufs.buf_mut(bid);
         let payload = &buf[RECVMSG_PAYLOAD_OFF as usize..m.end as usize];
         let (hdr, data_off) = match decode_udp_header(payload) {
             Ok(h) => h,
@@ -379,29 +464,17 @@ impl Assoc {
             }
         };
         if hdr.frag != 0 {
-            if io.cfg.udp_frag_reassemble {
-                let before = self.reasm.held();
-                let room = FRAG_BUDGET.saturating_sub(io.frag_bytes);
-                let step = self.reasm.push(
-                    hdr.frag,
-                    &hdr.dst,
-                    &payload[data_off..],
-                    io.now,
-                    io.cfg.udp_frag_timeout,
-                    room,
-                );
-                io.frag_bytes = io.frag_bytes + self.reasm.held() - before;
-                Self::recycle(io, bid);
-                match step {
-                    FragStep::Queued => {}
-                    FragStep::Dropped(n) => self.stats.dropped_frag += u64::from(n),
-                    FragStep::Complete { dst, payload } => {
-                        self.send_heap(io, dst, payload);
-                    }
-                }
-            } else {
-                self.stats.dropped_frag += 1;
-                Self::recycle(io, bid);
+            let complete = self.on_fragment(
+                &io.cfg,
+                io.now,
+                &mut io.frag_bytes,
+                hdr.frag,
+                &hdr.dst,
+                &payload[data_off..],
+            );
+            Self::recycle(io, bid);
+            if let Some((dst, payload)) = complete {
+                self.send_heap(io, dst, payload);
             }
             return;
         }
@@ -416,6 +489,113 @@ impl Assoc {
         }
     }
 
+    /// Feeds one fragment to the reassembly queue (or drops it, with `--udp-frag drop`).
+    /// Returns the datagram it completed, if any.
+    /// (`frag_bytes` is the shard's reassembly total, `Io::frag_bytes`.)
+    #[allow(clippy::too_many_arguments)]
+    fn on_fragment(
+        &mut self,
+        cfg: &Config,
+        now: Instant,
+        frag_bytes: &mut usize,
+        frag: u8,
+        dst: &Addr,
+        data: &[u8],
+    ) -> Option<(Addr, Vec<u8>)> {
+        if !cfg.udp_frag_reassemble {
+            self.stats.dropped_frag += 1;
+            return None;
+        }
+        let before = self.reasm.held();
+        let room = FRAG_BUDGET.saturating_sub(*frag_bytes);
+        let step = self
+            .reasm
+            .push(frag, dst, data, now, cfg.udp_frag_timeout, room);
+        *frag_bytes = *frag_bytes + self.reasm.held() - before;
+        match step {
+            FragStep::Queued => None,
+            FragStep::Dropped(n) => {
+                self.stats.dropped_frag += u64::from(n);
+                None
+            }
+            FragStep::Complete { dst, payload } => Some((dst, payload)),
+        }
+    }
+
+    /// A coalesced receive from the client (UDP GRO: the client sent a GSO burst). Each
+    /// datagram has its own SOCKS header. Payloads are moved down over the headers, so that
+    /// consecutive datagrams to one target with equal sizes lie back to back and leave in one
+    /// GSO send, still from the same buffer. Fragments and domain destinations, rare in a
+    /// burst, take the paths of single datagrams (with a copy).
+    fn on_client_burst(&mut self, io: &mut Io, bid: u16, m: &RecvMsg) {
+        let mut runs = std::mem::take(&mut self.runs);
+        runs.clear();
+        let mut later: Vec<(Addr, Vec<u8>)> = Vec::new();
+        let bufs = io.ubufs.as_mut().expect("checked by the caller");
+        let buf = bufs.buf_mut(bid);
+        let (end, g) = (m.end as usize, m.gso as usize);
+        let mut w = RECVMSG_PAYLOAD_OFF as usize;
+        let mut s = w;
+        while s < end {
+            let e = (s + g).min(end);
+            s = match decode_udp_header(&buf[s..e]) {
+                Err(_) => {
+                    self.stats.dropped_malformed += 1;
+                    e
+                }
+                Ok((hdr, h)) if hdr.frag != 0 => {
+                    let done = self.on_fragment(
+                        &io.cfg,
+                        io.now,
+                        &mut io.frag_bytes,
+                        hdr.frag,
+                        &hdr.dst,
+                        &buf[s + h..e],
+                    );
+                    later.extend(done);
+                    e
+                }
+                Ok((hdr, h)) if matches!(hdr.dst, Addr::Domain(..)) => {
+                    // The name may have to wait for the resolver: the datagram leaves the
+                    // buffer (a copy on this rare path).
+                    later.push((hdr.dst, buf[s + h..e].to_vec()));
+                    e
+                }
+                Ok((hdr, h)) => {
+                    let Addr::Ip(dst) = hdr.dst else {
+                        unreachable!("domains are handled above")
+                    };
+                    let Some(dst) = self.target_addr(dst) else {
+                        self.stats.dropped_other += 1;
+                        s = e;
+                        continue;
+                    };
+                    let len = (e - s - h) as u32;
+                    buf.copy_within(s + h..e, w);
+                    let extended = runs
+                        .last_mut()
+                        .is_some_and(|r: &mut Run| r.extend(dst, len));
+                    if !extended {
+                        runs.push(Run {
+                            off: w as u32,
+                            end: w as u32 + len,
+                            seg: len,
+                            count: 1,
+                            dst,
+                            closed: false,
+                        });
+                    }
+                    w += len as usize;
+                    e
+                }
+            };
+        }
+        self.send_runs(io, TARGET, bid, &runs, false);
+        self.runs = runs;
+        for (dst, payload) in later {
+            self.send_heap(io, dst, payload);
+        }
+    }
     /// Sends a reassembled datagram (a heap buffer).
     fn send_heap(&mut self, io: &mut Io, dst: Addr, payload: Vec<u8>) {
         match dst {
@@ -424,14 +604,19 @@ impl Assoc {
         }
     }
 
+    /// `dst` as the target-facing socket addresses it, or None if that socket cannot reach it
+    /// (an IPv6 target on a host without IPv6).
+    fn target_addr(&self, dst: SocketAddr) -> Option<SocketAddr> {
+        if self.tsock_v6 {
+            Some(to_dual_stack(dst))
+        } else {
+            Some(dst).filter(SocketAddr::is_ipv4)
+        }
+    }
+
     /// Sends a datagram whose destination is known to the target.
     fn send_held(&mut self, io: &mut Io, held: Held, dst: SocketAddr) {
-        let dst = if self.tsock_v6 {
-            to_dual_stack(dst)
-        } else if dst.is_ipv4() {
-            dst
-        } else {
-            // No IPv6 on this host: the target cannot be reached.
+        let Some(dst) = self.target_addr(dst) else {
             self.stats.dropped_other += 1;
             if let Held::Pbuf { bid, .. } = held {
                 Self::recycle(io, bid);
@@ -531,12 +716,15 @@ impl Assoc {
         let m = parse_recvmsg(buf, res);
         let (Some(src), Some(client)) = (m.src, self.filter.reply_to()) else {
             // No client endpoint yet (nobody may have sent) or an unreadable source.
-            self.stats.dropped_other += 1;
+            self.stats.dropped_other += m.datagrams();
             return Self::recycle(io, bid);
         };
         if m.truncated {
-            self.stats.dropped_malformed += 1;
+            self.stats.dropped_malformed += m.datagrams();
             return Self::recycle(io, bid);
+        }
+        if m.gso != 0 {
+            return self.on_target_burst(io, bid, &m, src, client);
         }
         let hlen: u32 = if src.is_ipv4() { 10 } else { 22 };
         let start = RECVMSG_PAYLOAD_OFF - hlen;
@@ -546,7 +734,7 @@ impl Assoc {
             &mut buf[start as usize..RECVMSG_PAYLOAD_OFF as usize],
         );
         // Bytes 0..28 (the recvmsg header and the start of the name area, both read) carry
-        // the client's address; the SOCKS header starts at 58 at the earliest.
+        // the client's address; the SOCKS header starts at 82 at the earliest.
         let alen = write_sockaddr(&client, &mut buf[..]) as u32;
         let owner = self.token.with(kind::UDP_CSEND, CLIENT).0;
         let fd = self.csock.target();
@@ -555,21 +743,166 @@ impl Assoc {
             .send_pbuf_to(fd, bufs, bid, start, m.end, 0, alen, owner);
     }
 
-    fn on_send(&mut self, io: &mut Io, k: u8, c: Completion) {
-        if let OpMem::Pbuf { bid, .. } = c.mem {
+    /// A coalesced receive from one target (UDP GRO): `n` datagrams of `gso` bytes. Each gets
+    /// the same SOCKS header: the payloads move up, last first, to open a header's room in
+    /// front of each, and the lot goes to the client as GSO sends of header + payload.
+    fn on_target_burst(
+        &mut self,
+        io: &mut Io,
+        bid: u16,
+        m: &RecvMsg,
+        src: SocketAddr,
+        client: SocketAddr,
+    ) {
+        let bufs = io.ubufs.as_mut().expect("checked by the caller");
+        let buf = bufs.buf_mut(bid);
+        let p = RECVMSG_PAYLOAD_OFF as usize;
+        let (g, len) = (m.gso as usize, (m.end - RECVMSG_PAYLOAD_OFF) as usize);
+        let n = len.div_ceil(g);
+        let h = if src.is_ipv4() { 10 } else { 22 };
+        let last = len - (n - 1) * g;
+        let new_end = p + (n - 1) * (h + g) + last;
+        if new_end > buf.len() {
+            // The buffer's slack past 64 KiB holds more headers than the kernel's segment
+            // limit allows; this guards against a kernel that coalesces more.
+            self.stats.dropped_other += n as u64;
+            return Self::recycle(io, bid);
+        }
+        for i in (1..n).rev() {
+            let from = p + i * g;
+            let seg = if i == n - 1 { last } else { g };
+            buf.copy_within(from..from + seg, p + i * (h + g));
+        }
+        let mut hdr = [0u8; 22];
+        crate::proto::udp::encode_udp_header(0, &src, &mut hdr[..h]);
+        for i in 0..n {
+            let at = p - h + i * (h + g);
+            buf[at..at + h].copy_from_slice(&hdr[..h]);
+        }
+        let seg = (h + g) as u32;
+        let per_run = (GSO_MAX_BYTES / seg).clamp(1, GSO_MAX_SEGMENTS) as usize;
+        let mut runs = std::mem::take(&mut self.runs);
+        runs.clear();
+        let mut i = 0;
+        while i < n {
+            let count = per_run.min(n - i);
+            let off = (p - h + i * (h + g)) as u32;
+            let end = if i + count == n {
+                new_end as u32
+            } else {
+                off + count as u32 * seg
+            };
+            runs.push(Run {
+                off,
+                end,
+                seg,
+                count: count as u32,
+                dst: client,
+                closed: false,
+            });
+            i += count;
+        }
+        self.send_runs(io, CLIENT, bid, &runs, false);
+        self.runs = runs;
+    }
+
+    /// Sends `runs` (ranges of buffer `bid`) from socket `which`, each as one GSO send, or one
+    /// send per datagram where GSO failed before for that size. The buffer's one hold goes to
+    /// the first send (unless `held` says the caller keeps it) and each further send adds one;
+    /// with nothing to send it is recycled.
+    fn send_runs(&mut self, io: &mut Io, which: u8, bid: u16, runs: &[Run], mut held: bool) {
+        let bufs = io.ubufs.as_mut().expect("the runs lie in a pbuf");
+        let (fd, owner) = if which == CLIENT {
+            (
+                self.csock.target(),
+                self.token.with(kind::UDP_CSEND, CLIENT).0,
+            )
+        } else {
+            (
+                self.tsock.target(),
+                self.token.with(kind::UDP_TSEND, TARGET).0,
+            )
+        };
+        let limit = self.gso_limit[which as usize];
+        let mut send = |off: u32, end: u32, dst: SocketAddr, gso: u32| {
+            if held {
+                bufs.retain(bid);
+            }
+            held = true;
+            self.inflight += 1;
+            io.ring
+                .send_pbuf_msg(fd, bufs, bid, off, end, dst, gso as u16, owner);
+        };
+        for r in runs {
+            if r.count == 1 {
+                send(r.off, r.end, r.dst, 0);
+            } else if r.seg <= limit {
+                send(r.off, r.end, r.dst, r.seg);
+            } else {
+                let mut off = r.off;
+                while off < r.end {
+                    let end = (off + r.seg).min(r.end);
+                    send(off, end, r.dst, 0);
+                    off = end;
+                }
+            }
+        }
+        if !held {
             Self::recycle(io, bid);
         }
+    }
+
+    fn on_send(&mut self, io: &mut Io, k: u8, c: Completion) {
+        let which = if k == kind::UDP_CSEND { CLIENT } else { TARGET };
+        let datagrams = match c.mem {
+            OpMem::PbufMsg {
+                bid,
+                off,
+                end,
+                gso,
+                dest,
+            } if gso != 0 => {
+                let gso = u32::from(gso);
+                if matches!(-c.res, libc::EINVAL | libc::EMSGSIZE | libc::EIO) {
+                    // The route cannot take GSO segments this large (its MTU is smaller) or
+                    // cannot do GSO at all: send these one by one, and from now on send runs
+                    // like them that way.
+                    debug!(
+                        error = %std::io::Error::from_raw_os_error(-c.res),
+                        segment = gso,
+                        "udp GSO send refused; sending datagrams singly"
+                    );
+                    self.gso_limit[which as usize] = gso - 1;
+                    let run = Run {
+                        off,
+                        end,
+                        seg: gso,
+                        count: (end - off).div_ceil(gso),
+                        dst: dest,
+                        closed: true,
+                    };
+                    return self.send_runs(io, which, bid, &[run], false);
+                }
+                Self::recycle(io, bid);
+                u64::from((end - off).div_ceil(gso))
+            }
+            OpMem::Pbuf { bid, .. } | OpMem::PbufMsg { bid, .. } => {
+                Self::recycle(io, bid);
+                1
+            }
+            _ => 1,
+        };
         if c.res < 0 {
             debug!(
                 error = %std::io::Error::from_raw_os_error(-c.res),
-                to = if k == kind::UDP_CSEND { "client" } else { "target" },
+                to = if which == CLIENT { "client" } else { "target" },
                 "udp send failed"
             );
-            self.stats.dropped_other += 1;
-        } else if k == kind::UDP_CSEND {
-            self.stats.relayed_in += 1;
+            self.stats.dropped_other += datagrams;
+        } else if which == CLIENT {
+            self.stats.relayed_in += datagrams;
         } else {
-            self.stats.relayed_out += 1;
+            self.stats.relayed_out += datagrams;
         }
     }
 }
@@ -591,5 +924,76 @@ mod tests {
         assert!(!m.truncated);
         buf[12..16].copy_from_slice(&(libc::MSG_TRUNC as u32).to_ne_bytes());
         assert!(parse_recvmsg(&buf, RECVMSG_PAYLOAD_OFF).truncated);
+    }
+
+    /// Writes a `UDP_GRO` control message with segment size `seg` into a recvmsg buffer.
+    fn gro_cmsg(buf: &mut [u8], seg: i32) {
+        let c = RECVMSG_CONTROL_OFF as usize;
+        buf[4..8].copy_from_slice(&20u32.to_ne_bytes());
+        buf[c..c + 8].copy_from_slice(&20usize.to_ne_bytes());
+        buf[c + 8..c + 12].copy_from_slice(&libc::SOL_UDP.to_ne_bytes());
+        buf[c + 12..c + 16].copy_from_slice(&libc::UDP_GRO.to_ne_bytes());
+        buf[c + 16..c + 20].copy_from_slice(&seg.to_ne_bytes());
+    }
+
+    #[test]
+    fn gro_segment_size_is_read_from_the_control_area() {
+        let mut buf = vec![0u8; 4096];
+        gro_cmsg(&mut buf, 100);
+        let m = parse_recvmsg(&buf, RECVMSG_PAYLOAD_OFF + 1050);
+        assert_eq!((m.gso, m.datagrams()), (100, 11));
+        // A segment size covering the payload: one datagram.
+        let m = parse_recvmsg(&buf, RECVMSG_PAYLOAD_OFF + 100);
+        assert_eq!((m.gso, m.datagrams()), (0, 1));
+        // Another control message, or none: one datagram.
+        gro_cmsg(&mut buf, 100);
+        let c = RECVMSG_CONTROL_OFF as usize;
+        buf[c + 12..c + 16].copy_from_slice(&libc::IP_TOS.to_ne_bytes());
+        assert_eq!(parse_recvmsg(&buf, RECVMSG_PAYLOAD_OFF + 1050).gso, 0);
+        buf[4..8].copy_from_slice(&0u32.to_ne_bytes());
+        gro_cmsg(&mut buf, -1);
+        assert_eq!(parse_recvmsg(&buf, RECVMSG_PAYLOAD_OFF + 1050).gso, 0);
+    }
+
+    #[test]
+    fn runs_take_equal_datagrams_to_one_destination_and_a_short_last_one() {
+        let a: SocketAddr = "192.0.2.1:53".parse().unwrap();
+        let b: SocketAddr = "192.0.2.2:53".parse().unwrap();
+        let mut r = Run {
+            off: 0,
+            end: 100,
+            seg: 100,
+            count: 1,
+            dst: a,
+            closed: false,
+        };
+        assert!(r.extend(a, 100));
+        assert!(!r.extend(b, 100), "another destination");
+        assert!(!r.extend(a, 101), "a larger datagram");
+        assert!(r.extend(a, 40), "a shorter one ends the run");
+        assert!(!r.extend(a, 40), "nothing after the short one");
+        assert_eq!((r.count, r.end), (3, 240));
+        let mut r = Run {
+            off: 0,
+            end: 1000,
+            seg: 1000,
+            count: 1,
+            dst: a,
+            closed: false,
+        };
+        for _ in 1..GSO_MAX_SEGMENTS {
+            assert!(r.extend(a, 1000) || r.end - r.off + 1000 > GSO_MAX_BYTES);
+        }
+        assert!(r.count <= GSO_MAX_SEGMENTS && r.end - r.off <= GSO_MAX_BYTES);
+        assert!(!r.extend(a, 1000), "full");
+        let mut z = Run {
+            off: 0,
+            end: 0,
+            seg: 0,
+            count: 1,
+            dst: a,
+            closed: false,
+        };
+        assert!(!z.extend(a, 0), "empty datagrams are sent one by one");
     }
 }
