@@ -69,6 +69,10 @@ pub struct Args {
     /// Seconds to wait for late replies after the interval before counting them lost
     #[arg(long, default_value_t = 0.5, value_name = "S")]
     pub drain: f64,
+    /// Send datagram by datagram (sendmmsg without UDP GSO), like most UDP clients; the
+    /// target's echo still batches
+    #[arg(long)]
+    pub no_gso: bool,
 }
 
 // ---- payload stamp -------------------------------------------------------
@@ -994,6 +998,7 @@ pub fn run(a: &Args) -> Result<()> {
             Pace::Open { .. } => 1,
         };
         let mut tx = Mmsg::new(batch, slot);
+        tx.gso = !a.no_gso;
         for j in 0..batch {
             tx.slot_mut(j).fill(FILL);
         }
@@ -1163,6 +1168,7 @@ pub fn run(a: &Args) -> Result<()> {
             "duration": a.time.duration,
             "warmup": a.time.warmup,
             "drain": a.drain,
+            "gso": !a.no_gso,
             "udp_targets": targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
             "rlimit_nofile": nofile,
         }),
