@@ -32,6 +32,9 @@ pub enum Suite {
     Ci,
     /// UDP ASSOCIATE: ringsocks, direct, Dante; 64 and 1400 B datagrams over 1, 8, 2000 associations
     Udp,
+    /// Short UDP suite (for CI): ringsocks and direct; 64 and 1400 B over 8 associations x 16,
+    /// 2 s after 0.5 s warmup
+    UdpCi,
 }
 
 impl Suite {
@@ -40,6 +43,7 @@ impl Suite {
             Suite::Full => "full",
             Suite::Ci => "ci",
             Suite::Udp => "udp",
+            Suite::UdpCi => "udp-ci",
         }
     }
 
@@ -47,6 +51,7 @@ impl Suite {
         match self {
             Suite::Full => Kind::TCP.to_vec(),
             Suite::Udp => Kind::UDP.to_vec(),
+            Suite::UdpCi => vec![Kind::Ringsocks, Kind::Direct],
             Suite::Ci => vec![
                 Kind::RingsocksAuto,
                 Kind::RingsocksSplice,
@@ -61,7 +66,7 @@ impl Suite {
     fn times(self) -> (f64, f64) {
         match self {
             Suite::Full => (5.0, 1.0),
-            Suite::Ci => (2.0, 0.5),
+            Suite::Ci | Suite::UdpCi => (2.0, 0.5),
             Suite::Udp => (UDP_DURATION, UDP_WARMUP),
         }
     }
@@ -70,18 +75,19 @@ impl Suite {
         match self {
             Suite::Full | Suite::Ci => &Measurement::TCP,
             Suite::Udp => &Measurement::UDP,
+            Suite::UdpCi => &[Measurement::Udp64x8, Measurement::Udp1400x8],
         }
     }
 
     pub fn figures(self) -> &'static [Figure] {
         match self {
             Suite::Full | Suite::Ci => &FIGURES,
-            Suite::Udp => &UDP_FIGURES,
+            Suite::Udp | Suite::UdpCi => &UDP_FIGURES,
         }
     }
 
     pub fn from_name(s: &str) -> Option<Suite> {
-        [Suite::Full, Suite::Ci, Suite::Udp]
+        [Suite::Full, Suite::Ci, Suite::Udp, Suite::UdpCi]
             .into_iter()
             .find(|x| x.name() == s)
     }
@@ -658,6 +664,7 @@ pub fn run(a: &Args) -> Result<()> {
     let warm_ups: &[Measurement] = match a.suite {
         // Dante forks a worker per few associations: let it fork for 2000 once.
         Suite::Udp => &[Measurement::Udp64x8, Measurement::Udp64x2000],
+        Suite::UdpCi => &[Measurement::Udp64x8],
         _ => &[Measurement::Cps, Measurement::Tput16],
     };
     for r in relays.values() {
@@ -690,7 +697,7 @@ pub fn run(a: &Args) -> Result<()> {
     let mut runs = Vec::new();
     let mut orders = Vec::new();
     let mut values: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
-    let udp = a.suite == Suite::Udp;
+    let udp = matches!(a.suite, Suite::Udp | Suite::UdpCi);
     let figures = a.suite.figures();
     let total = a.reps * a.suite.measurements().len() * present.len();
     let mut done = 0;
@@ -934,7 +941,7 @@ pub fn markdown(doc: &Value, json_path: &Path, results_dir: &Path) -> String {
         s.push('\n');
     }
     s += &format!("![{suite} suite]({suite}.svg)\n\n");
-    if suite == "udp" {
+    if suite.starts_with("udp") {
         s += &udp_tables(doc, &names);
         return s;
     }
@@ -1210,6 +1217,11 @@ mod tests {
         assert_eq!(Suite::Udp.kinds(), Kind::UDP.to_vec());
         assert!(!Suite::Full.kinds().contains(&Kind::Ringsocks));
         assert_eq!(Suite::from_name("udp"), Some(Suite::Udp));
+        assert_eq!(Suite::from_name("udp-ci"), Some(Suite::UdpCi));
+        assert!(Suite::UdpCi
+            .measurements()
+            .iter()
+            .all(|m| Measurement::UDP.contains(m)));
         assert_eq!(figures_of("udp").len(), 30);
         assert_eq!(figures_of("ci").len(), FIGURES.len());
     }
