@@ -82,23 +82,29 @@ fn assert_target_saw(target: &UdpServer, want: &[&[u8]], what: &str) {
 // PySocks
 // ---------------------------------------------------------------------------
 
-fn pysocks(mode: &str, args: &[(&str, String)]) -> String {
+/// Runs `tests/support/SCRIPT MODE ARGS..` with the system Python and expects its "OK" line.
+fn support_py(script: &str, mode: &str, args: &[String]) -> String {
     let py = python_with_socks();
     let mut argv = vec![
-        support_script("udp_pysocks.py").display().to_string(),
+        support_script(script).display().to_string(),
         mode.to_string(),
     ];
-    for (k, v) in args {
-        argv.push(k.to_string());
-        argv.push(v.clone());
-    }
+    argv.extend_from_slice(args);
     let (st, out, err) = run_bounded(&py, &argv, Duration::from_secs(60));
     assert!(
         st.is_some_and(|s| s.success()) && out.contains("OK"),
-        "{py:?} udp_pysocks.py {mode} failed (status {st:?})\nstdout:\n{out}\nstderr:\n{err}"
+        "{py:?} {script} {mode} {args:?} failed (status {st:?})\nstdout:\n{out}\nstderr:\n{err}"
     );
-    println!("pysocks {mode}: {}", out.trim());
+    println!("{script} {mode}: {}", out.trim());
     out
+}
+
+fn pysocks(mode: &str, args: &[(&str, String)]) -> String {
+    let argv: Vec<String> = args
+        .iter()
+        .flat_map(|(k, v)| [k.to_string(), v.clone()])
+        .collect();
+    support_py("udp_pysocks.py", mode, &argv)
 }
 
 #[test]
@@ -971,20 +977,9 @@ fn association_without_traffic_ends_on_idle_timeout() {
 
 /// Runs `tests/support/udp_gso.py MODE --proxy RELAY ARGS..` and expects its "OK" line.
 fn udp_gso(mode: &str, relay: SocketAddr, args: &[&str]) {
-    let py = python_with_socks();
-    let mut argv = vec![
-        support_script("udp_gso.py").display().to_string(),
-        mode.to_string(),
-        "--proxy".to_string(),
-        relay.to_string(),
-    ];
+    let mut argv = vec!["--proxy".to_string(), relay.to_string()];
     argv.extend(args.iter().map(|a| a.to_string()));
-    let (st, out, err) = run_bounded(&py, &argv, Duration::from_secs(60));
-    assert!(
-        st.is_some_and(|s| s.success()) && out.contains("OK"),
-        "udp_gso.py {mode} {args:?} failed (status {st:?})\nstdout:\n{out}\nstderr:\n{err}"
-    );
-    println!("udp_gso {mode}: {}", out.trim());
+    support_py("udp_gso.py", mode, &argv);
 }
 
 /// A client that sends with UDP GSO hands the relay many datagrams in one receive: each is

@@ -130,6 +130,11 @@ pub struct Completion {
     pub mem: OpMem,
 }
 
+/// The op table index in an op's `user_data` (the generation is in the high 32 bits).
+fn slot_index(ud: u64) -> usize {
+    (ud & 0xffff_ffff) as usize
+}
+
 /// Identifies an in-flight op, for targeted cancellation (the op table index and generation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OpId(u64);
@@ -469,7 +474,7 @@ impl Ring {
                 dest,
             },
         );
-        let slot = &mut self.slots[(ud & 0xffff_ffff) as usize];
+        let slot = &mut self.slots[slot_index(ud)];
         let m = slot.msg.get_or_insert_with(|| {
             Box::new(MsgBundle {
                 // SAFETY: msghdr and cmsghdr are plain old data; all-zero is a valid value.
@@ -605,7 +610,7 @@ impl Ring {
         cq.sync();
         for cqe in &mut cq {
             let ud = cqe.user_data();
-            let idx = (ud & 0xffff_ffff) as usize;
+            let idx = slot_index(ud);
             let more = cqueue::more(cqe.flags());
             let slot = &mut self.slots[idx];
             debug_assert_eq!(slot.generation, (ud >> 32) as u32);
