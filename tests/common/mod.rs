@@ -1396,6 +1396,17 @@ pub fn support_script(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Starts `prog args` with stdin closed and stdout and stderr piped.
+fn spawn_piped(prog: &Path, args: &[String]) -> Child {
+    Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {prog:?}: {e}"))
+}
+
 /// Run `prog args` with captured output, killed after `timeout`. Returns the exit status
 /// (None: killed at the deadline), stdout and stderr.
 pub fn run_bounded(
@@ -1403,13 +1414,7 @@ pub fn run_bounded(
     args: &[String],
     timeout: Duration,
 ) -> (Option<ExitStatus>, String, String) {
-    let mut child = Command::new(prog)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {prog:?}: {e}"));
+    let mut child = spawn_piped(prog, args);
     let out = Arc::new(Mutex::new(String::new()));
     let err = Arc::new(Mutex::new(String::new()));
     let t1 = spawn_reader(child.stdout.take().unwrap(), out.clone());
@@ -1432,13 +1437,7 @@ pub struct Helper {
 
 impl Helper {
     pub fn start(prog: &Path, args: &[String]) -> Helper {
-        let mut child = Command::new(prog)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {prog:?}: {e}"));
+        let mut child = spawn_piped(prog, args);
         let output = Arc::new(Mutex::new(String::new()));
         spawn_reader(child.stderr.take().unwrap(), output.clone());
         let (tx, rx) = mpsc::channel();
