@@ -194,6 +194,9 @@ pub fn bind_listeners(addrs: &[SocketAddr], shards: usize) -> std::io::Result<Ve
             let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
             sock.set_reuse_address(true)?;
             sock.set_reuse_port(true)?;
+            // Accepted sockets inherit TCP_NODELAY from their listener, which saves a
+            // setsockopt per connection.
+            sock.set_tcp_nodelay(true)?;
             if addr.is_ipv6() {
                 sock.set_only_v6(true)?;
             }
@@ -594,9 +597,8 @@ impl Shard {
         };
         let generation = self.slots[idx as usize].generation;
         let token = Token::new(idx, generation, 0, 0);
-        // Socket options and the peer address need an ordinary fd: take them before the
-        // socket moves into the fixed-file table.
-        let _ = sock.set_tcp_nodelay(true);
+        // The peer address needs an ordinary fd: take it before the socket moves into the
+        // fixed-file table. (TCP_NODELAY came with the socket, from the listener.)
         let peer = sock.peer_addr().ok().and_then(|a| a.as_socket());
         let local = self.listeners[listener]
             .local
@@ -631,6 +633,22 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accepted_sockets_inherit_tcp_nodelay_from_the_listeners() {
+        // The accept path no longer sets TCP_NODELAY itself: it relies on this.
+        let addrs: Vec<SocketAddr> =
+            vec!["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()];
+        for list in bind_listeners(&addrs, 1).unwrap() {
+            for l in list {
+                assert!(l.tcp_nodelay().unwrap());
+                let to = l.local_addr().unwrap().as_socket().unwrap();
+                let _client = std::net::TcpStream::connect(to).unwrap();
+                let (accepted, _) = l.accept().unwrap();
+                assert!(accepted.tcp_nodelay().unwrap(), "{to}");
+            }
+        }
+    }
 
     #[test]
     fn token_fields_round_trip_and_stay_apart() {
