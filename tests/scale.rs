@@ -171,7 +171,7 @@ fn idle_tunnels(mode: &str) {
     require_tool("python3");
     let http = http_server("127.0.0.1:0").unwrap();
     let relay = Relay::start(&["--forward", mode]);
-    let (rss0, fds0) = (relay_rss_kib(relay.pid()), relay_fds(relay.pid()));
+    let (rss0, fds0) = (proc_rss_kib(relay.pid()), relay_fds(relay.pid()));
     let start = Instant::now();
     // Both ends of every tunnel live in helper processes: this machine's hard RLIMIT_NOFILE
     // (20,000, not raisable without CAP_SYS_RESOURCE) is too small for one process to hold
@@ -216,7 +216,7 @@ fn idle_tunnels(mode: &str) {
         "[{mode}] relay stderr:\n{}",
         relay.stderr()
     );
-    let (rss1, fds1) = (relay_rss_kib(relay.pid()), relay_fds(relay.pid()));
+    let (rss1, fds1) = (proc_rss_kib(relay.pid()), relay_fds(relay.pid()));
     println!(
         "[{mode}] {n} idle tunnels open after {:?}: relay RSS {rss0} -> {rss1} KiB ({} B per tunnel), fds {fds0} -> {fds1}",
         start.elapsed(),
@@ -256,15 +256,6 @@ fn idle_tunnels(mode: &str) {
         curl_ok(relay.addr, &format!("http://127.0.0.1:{}/", http.port())),
         b"hello\n"
     );
-}
-
-fn relay_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 fn relay_fds(pid: u32) -> usize {
