@@ -1,15 +1,27 @@
 //! ringsocks: a SOCKS5 relay on thread-per-core io_uring shards.
 //!
-//! The crate is split so that the parts that can be tested without a kernel are:
-//! - [`proto`]: sans-IO SOCKS5 / RFC 1929 codec and the server handshake machine;
+//! Layers, top to bottom (each uses only the ones below it):
+//! - [`server`]: one shard per core: the event loop, the connection slab, accept back-off,
+//!   stop and drain;
+//! - `relay`: what a connection does (handshake, connect, forwarding, UDP ASSOCIATE), driven
+//!   through the engine trait, so it is unit-tested with a fake engine and virtual time;
+//! - [`proto`]: sans-IO SOCKS5 / RFC 1929 codec, handshake machine, UDP rules and burst
+//!   rewriting; no sockets, no ring;
+//! - [`dns`]: the getaddrinfo pool whose answers come back to a shard;
 //! - [`config`]: command line and validation;
-//! - [`dns`]: the getaddrinfo pool whose answers are delivered back to a shard;
-//! - [`shard`]: the only place with `unsafe`: the ring, op table, buffer ring, pipe pool, timers;
-//! - [`relay`]: per-connection logic driven by the shard's completions.
+//! - `uring`: the io_uring engine, the only place with `unsafe`; knows nothing of SOCKS.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod config;
 pub mod dns;
 pub mod proto;
-pub mod relay;
-pub mod shard;
+pub(crate) mod relay;
+pub mod server;
+pub(crate) mod uring;
+
+/// Process set-up the binary needs before it starts shards.
+pub mod process {
+    pub use crate::uring::sys::{
+        block_termination_signals, ignore_sigpipe, raise_nofile, wait_termination,
+    };
+}

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use ringsocks::config::{self, Config};
 use ringsocks::dns::Resolver;
-use ringsocks::shard::{self, Shard, ShardSpec};
+use ringsocks::process;
+use ringsocks::server::{self, Shard, ShardSpec};
 use tracing::{error, info, warn};
 
 #[global_allocator]
@@ -32,16 +33,16 @@ fn main() {
 }
 
 fn run(cfg: Config) -> std::io::Result<()> {
-    shard::sys::ignore_sigpipe();
-    match shard::sys::raise_nofile() {
+    process::ignore_sigpipe();
+    match process::raise_nofile() {
         Ok(n) => info!(nofile = n, "file descriptor limit"),
         Err(e) => warn!(error = %e, "could not raise RLIMIT_NOFILE"),
     }
     // Blocked here, before any thread starts, so only `wait_termination` sees them.
-    shard::sys::block_termination_signals();
+    process::block_termination_signals();
 
     let cfg = Arc::new(cfg);
-    let listeners = shard::bind_listeners(&cfg.listen, cfg.shards)?;
+    let listeners = server::bind_listeners(&cfg.listen, cfg.shards)?;
     let bound: Vec<_> = listeners[0]
         .iter()
         .filter_map(|s| s.local_addr().ok().and_then(|a| a.as_socket()))
@@ -99,7 +100,7 @@ fn run(cfg: Config) -> std::io::Result<()> {
         out.flush()?;
     }
 
-    let sig = shard::sys::wait_termination();
+    let sig = process::wait_termination();
     info!(signal = sig, drain = ?cfg.drain_timeout, "stopping");
     stop.store(true, Ordering::Release);
     for mut w in wakers {

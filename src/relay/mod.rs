@@ -1,10 +1,82 @@
-//! Per-connection relay logic, driven by shard completions. It starts ops only through the
-//! shard's safe submission API, so it contains no `unsafe`.
+//! Per-connection relay logic: everything between an accepted client socket and its end,
+//! driven by the completions the server hands it. It talks to the kernel only through the
+//! [`Engine`] trait, so the same code runs on the io_uring ring and, in unit tests, on a
+//! recording fake with virtual time. No `unsafe`, no sockets opened here.
 //!
-//! - [`tcp`]: a proxied TCP connection: handshake, CONNECT, splice and copy forwarding; also
-//!   the control connection of a UDP association.
-//! - [`udp`]: a UDP association's sockets and datagram paths.
+//! - [`conn`]: a connection's lifecycle: its stages, op accounting, timers, close and release;
+//! - [`handshake`]: greeting, authentication and request, fed to the sans-IO
+//!   [`crate::proto::ServerHandshake`];
+//! - [`connect`]: resolving, connecting to each address in turn, the reply, error replies;
+//! - [`forward`]: a tunnel's two directions, on the splice path or the copy path;
+//! - [`udp`]: UDP ASSOCIATE: the control connection and the association's datagram paths;
+//! - [`token`]: owner tokens (connection id + op) packed into the engine's words.
 #![forbid(unsafe_code)]
 
-pub mod tcp;
-pub mod udp;
+pub(crate) mod conn;
+mod connect;
+mod forward;
+mod handshake;
+pub(crate) mod token;
+pub(crate) mod udp;
+
+#[cfg(test)]
+mod tests;
+
+use std::time::Instant;
+
+use crate::config::Config;
+use crate::dns::{Addrs, ResolveError};
+use crate::uring::{Engine, Group, Owner};
+
+pub(crate) use conn::Conn;
+pub(crate) use token::{ConnId, Dir, Side};
+
+/// Name resolution as the relay sees it: an answer now (cache hit, IP literal, unusable
+/// name), or None and the answer later, delivered to `owner` through `Conn::on_resolved`.
+pub(crate) trait Resolve {
+    fn lookup(
+        &mut self,
+        name: &[u8],
+        port: u16,
+        owner: Owner,
+        now: Instant,
+    ) -> Option<Result<Addrs, ResolveError>>;
+}
+
+impl Resolve for crate::dns::ShardResolver {
+    fn lookup(
+        &mut self,
+        name: &[u8],
+        port: u16,
+        owner: Owner,
+        now: Instant,
+    ) -> Option<Result<Addrs, ResolveError>> {
+        crate::dns::ShardResolver::lookup(self, name, port, owner.0, now)
+    }
+}
+
+/// What the connections of one shard share: the buffer groups, the receives waiting for
+/// buffers, and the fragment-reassembly budget.
+#[derive(Default)]
+pub(crate) struct ShardState {
+    /// The copy path's buffers (None with `--forward splice`).
+    pub copy_group: Option<Group>,
+    /// UDP datagram buffers (None: UDP ASSOCIATE is off).
+    pub udp_group: Option<Group>,
+    /// Copy-path receives that ended for lack of buffers, to re-arm once some are back.
+    pub starved: Vec<(ConnId, Dir)>,
+    /// UDP receives that ended for lack of buffers.
+    pub udp_starved: Vec<(ConnId, Side)>,
+    /// Bytes held by fragment reassembly queues on this shard.
+    pub frag_bytes: usize,
+}
+
+/// Everything a connection's handlers may use: the engine, the configuration, the time of
+/// this loop turn, the resolver and the shard's shared state.
+pub(crate) struct Ctx<'a, E: Engine> {
+    pub io: &'a mut E,
+    pub cfg: &'a Config,
+    pub now: Instant,
+    pub dns: &'a mut dyn Resolve,
+    pub shard: &'a mut ShardState,
+}

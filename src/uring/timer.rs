@@ -6,22 +6,24 @@
 
 use std::time::{Duration, Instant};
 
+use super::Owner;
+
 /// The wheel's resolution.
-pub const TICK: Duration = Duration::from_millis(10);
+pub(crate) const TICK: Duration = Duration::from_millis(10);
 const SLOTS: usize = 1024;
 
-pub struct Wheel {
+pub(crate) struct Wheel {
     start: Instant,
     /// The next tick not yet processed.
     cursor: u64,
-    slots: Vec<Vec<(u64, u64)>>,
+    slots: Vec<Vec<(u64, Owner)>>,
     len: usize,
     /// The earliest tick inserted since `take_new_earliest` was last called.
     new_earliest: Option<u64>,
 }
 
 impl Wheel {
-    pub fn new(now: Instant) -> Wheel {
+    pub(crate) fn new(now: Instant) -> Wheel {
         Wheel {
             start: now,
             cursor: 0,
@@ -36,19 +38,20 @@ impl Wheel {
     }
 
     /// Arms `token` to fire at `deadline` (rounded up to the next tick).
-    pub fn insert(&mut self, deadline: Instant, token: u64) {
+    pub(crate) fn insert(&mut self, deadline: Instant, token: Owner) {
         let tick = (self.tick_of(deadline) + 1).max(self.cursor);
         self.slots[(tick % SLOTS as u64) as usize].push((tick, token));
         self.len += 1;
         self.new_earliest = Some(self.new_earliest.map_or(tick, |t| t.min(tick)));
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// Moves every token due at `now` into `out`.
-    pub fn expire(&mut self, now: Instant, out: &mut Vec<u64>) {
+    pub(crate) fn expire(&mut self, now: Instant, out: &mut Vec<Owner>) {
         let now_tick = self.tick_of(now);
         // Catch up at most one revolution: later slots are visited on the next turns.
         let end = now_tick.min(self.cursor + SLOTS as u64);
@@ -71,7 +74,7 @@ impl Wheel {
 
     /// When the earliest entry inserted since the last call is due (O(1); for deciding whether
     /// an already armed ring timeout is late for it).
-    pub fn take_new_earliest(&mut self) -> Option<Instant> {
+    pub(crate) fn take_new_earliest(&mut self) -> Option<Instant> {
         self.new_earliest
             .take()
             .map(|t| self.start + Duration::from_nanos(t.saturating_mul(TICK.as_nanos() as u64)))
@@ -80,7 +83,7 @@ impl Wheel {
     /// How long the ring may sleep before the wheel needs to turn again: until the earliest
     /// entry within the next revolution of slots, so a wheel holding only far deadlines does
     /// not wake the shard every tick.
-    pub fn next_wait(&self, now: Instant) -> Option<Duration> {
+    pub(crate) fn next_wait(&self, now: Instant) -> Option<Duration> {
         if self.len == 0 {
             return None;
         }
@@ -112,13 +115,13 @@ mod tests {
     fn fires_after_deadline_not_before() {
         let t0 = Instant::now();
         let mut w = Wheel::new(t0);
-        w.insert(t0 + Duration::from_millis(50), 7);
-        w.insert(t0 + Duration::from_secs(30), 8);
+        w.insert(t0 + Duration::from_millis(50), Owner(7));
+        w.insert(t0 + Duration::from_secs(30), Owner(8));
         let mut out = Vec::new();
         w.expire(t0 + Duration::from_millis(40), &mut out);
         assert!(out.is_empty());
         w.expire(t0 + Duration::from_millis(70), &mut out);
-        assert_eq!(out, vec![7]);
+        assert_eq!(out, vec![Owner(7)]);
         out.clear();
         // More than one revolution later: the far entry fires only when its tick arrives.
         w.expire(t0 + Duration::from_secs(29), &mut out);
@@ -129,7 +132,7 @@ mod tests {
         for _ in 0..4 {
             w.expire(t0 + Duration::from_secs(31), &mut out);
         }
-        assert_eq!(out, vec![8]);
+        assert_eq!(out, vec![Owner(8)]);
         assert!(w.is_empty());
         assert_eq!(w.next_wait(t0), None);
     }
@@ -138,8 +141,8 @@ mod tests {
     fn sleeps_until_the_earliest_entry() {
         let t0 = Instant::now();
         let mut w = Wheel::new(t0);
-        w.insert(t0 + Duration::from_secs(2), 1);
-        w.insert(t0 + Duration::from_millis(500), 2);
+        w.insert(t0 + Duration::from_secs(2), Owner(1));
+        w.insert(t0 + Duration::from_millis(500), Owner(2));
         let wait = w.next_wait(t0).unwrap();
         assert!(
             wait >= Duration::from_millis(500) && wait <= Duration::from_millis(520),

@@ -1,58 +1,56 @@
-//! System calls with no safe std or socket2 equivalent: file limits, SIGPIPE, waiting for
-//! SIGINT/SIGTERM, and UDP GRO.
+//! System calls and socket set-up with no safe std or socket2 equivalent: file limits (through
+//! the `rlimit` crate), SIGPIPE, waiting for SIGINT/SIGTERM, UDP GRO, and the UDP sockets of
+//! an association.
 
 use std::io;
 
-/// Raises RLIMIT_NOFILE's soft limit to the hard limit, first trying to raise the hard limit
-/// to `fs.nr_open` (possible with CAP_SYS_RESOURCE). Returns the new soft limit.
+/// Raises RLIMIT_NOFILE's soft limit as far as allowed: to `fs.nr_open` when the process may
+/// raise the hard limit (CAP_SYS_RESOURCE), else to the hard limit. Returns the new soft limit.
 pub fn raise_nofile() -> io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let (_, hard) = rlimit::Resource::NOFILE.get()?;
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(lim.rlim_max);
-    if nr_open > lim.rlim_max {
-        let want = libc::rlimit {
-            rlim_cur: nr_open,
-            rlim_max: nr_open,
-        };
-        // SAFETY: setrlimit reads the struct we pass.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
-            return Ok(nr_open);
-        }
+        .unwrap_or(hard);
+    if nr_open > hard && rlimit::Resource::NOFILE.set(nr_open, nr_open).is_ok() {
+        return Ok(nr_open);
     }
-    lim.rlim_cur = lim.rlim_max;
-    // SAFETY: setrlimit reads the struct we pass.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(lim.rlim_cur)
+    rlimit::increase_nofile_limit(hard)
 }
 
 /// The current soft RLIMIT_NOFILE.
-pub fn nofile_soft() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return 1024;
+pub(crate) fn nofile_soft() -> u64 {
+    rlimit::Resource::NOFILE.get().map_or(1024, |(soft, _)| soft)
+}
+
+/// Socket buffer sizes asked for UDP sockets (the kernel caps them at net.core.[rw]mem_max).
+const UDP_SOCK_BUF: usize = 4 << 20;
+
+/// A UDP socket bound to `bind`: an unspecified IPv6 address binds dual-stack (IPv4 peers as
+/// IPv4-mapped), any other IPv6 address IPv6-only. UDP GRO is on (where the kernel has it),
+/// and the socket buffers are large, for bursts.
+pub(crate) fn udp_socket(bind: std::net::SocketAddr) -> io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(
+        Domain::for_address(bind),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    if bind.is_ipv6() {
+        s.set_only_v6(!bind.ip().is_unspecified())?;
     }
-    lim.rlim_cur
+    s.bind(&bind.into())?;
+    let _ = s.set_recv_buffer_size(UDP_SOCK_BUF);
+    let _ = s.set_send_buffer_size(UDP_SOCK_BUF);
+    // Without GRO (an old kernel) every receive is one datagram, and nothing else changes.
+    let _ = set_udp_gro(&s);
+    Ok(s)
 }
 
 /// Turns on UDP GRO for `sock`: the kernel may then hand one receive several datagrams of one
 /// flow, back to back, with their segment size in a `UDP_GRO` control message (a sender's GSO
 /// burst arrives as it was sent). socket2 has no setter for it.
-pub fn set_udp_gro(sock: &impl std::os::fd::AsRawFd) -> io::Result<()> {
+pub(crate) fn set_udp_gro(sock: &impl std::os::fd::AsRawFd) -> io::Result<()> {
     let on: libc::c_int = 1;
     // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from the int we pass; the fd is
     // borrowed from a live socket.

@@ -1,18 +1,20 @@
-//! Socket addresses as the kernel lays them out (`sockaddr_in`, `sockaddr_in6`), read from and
-//! written into byte buffers: the source address a multishot recvmsg stores in a provided
-//! buffer, and the destination a datagram send reads from the same buffer. Plain byte
-//! shuffling, no `unsafe`.
+//! Socket addresses as the kernel lays them out (`sockaddr_in`, `sockaddr_in6`), read from
+//! byte buffers: the source address a multishot recvmsg stores in a provided buffer (and, for
+//! tests, written the same way). Plain byte shuffling, no `unsafe`.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
-pub const SOCKADDR_IN_LEN: usize = 16;
-pub const SOCKADDR_IN6_LEN: usize = 28;
+#[cfg(test)]
+pub(crate) const SOCKADDR_IN_LEN: usize = 16;
+#[cfg(test)]
+pub(crate) const SOCKADDR_IN6_LEN: usize = 28;
 
 /// Writes `addr` at the start of `out` and returns its length (16 or 28).
 ///
 /// # Panics
 /// If `out` is shorter than that.
-pub fn write_sockaddr(addr: &SocketAddr, out: &mut [u8]) -> usize {
+#[cfg(test)]
+pub(crate) fn write_sockaddr(addr: &SocketAddr, out: &mut [u8]) -> usize {
     match addr {
         SocketAddr::V4(a) => {
             let out = &mut out[..SOCKADDR_IN_LEN];
@@ -36,7 +38,7 @@ pub fn write_sockaddr(addr: &SocketAddr, out: &mut [u8]) -> usize {
 
 /// Reads a socket address written by the kernel; `None` for other families or short input.
 /// IPv4-mapped IPv6 addresses (from a dual-stack socket) come back as plain IPv4.
-pub fn read_sockaddr(b: &[u8]) -> Option<SocketAddr> {
+pub(crate) fn read_sockaddr(b: &[u8]) -> Option<SocketAddr> {
     let family = u16::from_ne_bytes(b.get(0..2)?.try_into().ok()?);
     let port = u16::from_be_bytes(b.get(2..4)?.try_into().ok()?);
     if family == libc::AF_INET as u16 {
@@ -57,7 +59,7 @@ pub fn read_sockaddr(b: &[u8]) -> Option<SocketAddr> {
 }
 
 /// `addr` as a dual-stack IPv6 socket can send to it (IPv4 becomes IPv4-mapped).
-pub fn to_dual_stack(addr: SocketAddr) -> SocketAddr {
+pub(crate) fn to_dual_stack(addr: SocketAddr) -> SocketAddr {
     match addr {
         SocketAddr::V4(a) => {
             SocketAddr::V6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0))

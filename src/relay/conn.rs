@@ -1,0 +1,258 @@
+//! One client connection, from accept to release: which stage it is in, how many of its ops
+//! are in flight, its timer, and how it closes.
+//!
+//! A connection moves through stages, each holding only what it needs:
+//! [`Stage::Handshake`] (bytes fed to the sans-IO handshake) -> [`Stage::Connect`] (resolve,
+//! connect, reply) -> [`Stage::Tunnel`] (two forwarding directions) or
+//! [`Stage::Association`] (a UDP association and its control connection); any of them may
+//! end in [`Stage::Rejecting`] (an error reply, then a short linger).
+//!
+//! Closing cancels what is still waiting; nothing is freed then. The server frees the
+//! connection with [`Conn::release`] once [`Conn::is_finished`] says no op is in flight, so
+//! no socket, pipe or buffer is given back while the kernel may still use it.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info};
+
+use super::connect::Connect;
+use super::forward::Tunnel;
+use super::handshake::Handshake;
+use super::token::{ConnId, Op, ARG_MAX};
+use super::udp::Association;
+use super::Ctx;
+use crate::uring::{Completion, Engine, Sock};
+
+pub(super) enum Stage {
+    Handshake(Box<Handshake>),
+    Connect(Box<Connect>),
+    Tunnel(Box<Tunnel>),
+    Association(Box<Association>),
+    /// An error reply is on its way or out; the client gets a moment to read it.
+    Rejecting,
+}
+
+pub(crate) struct Conn {
+    pub(super) id: ConnId,
+    pub(super) client: Sock,
+    pub(super) peer: Option<SocketAddr>,
+    /// The client connection's local address (BND.ADDR of a UDP association).
+    pub(super) local: Option<SocketAddr>,
+    pub(super) stage: Stage,
+    /// Ops in flight on any of the connection's sockets.
+    pub(super) inflight: u32,
+    /// Of `inflight`, shutdown ops: they finish on their own, so closing need not cancel them.
+    pub(super) shutdowns: u32,
+    timer_seq: u16,
+    pub(super) last_active: Instant,
+    closing: bool,
+}
+
+impl Conn {
+    pub(crate) fn new(
+        id: ConnId,
+        client: Sock,
+        peer: Option<SocketAddr>,
+        local: Option<SocketAddr>,
+        now: Instant,
+    ) -> Conn {
+        Conn {
+            id,
+            client,
+            peer,
+            local,
+            stage: Stage::Handshake(Box::default()),
+            inflight: 0,
+            shutdowns: 0,
+            timer_seq: 0,
+            last_active: now,
+            closing: false,
+        }
+    }
+
+    /// True once closing has finished: no op is in flight, so the server may release it.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.closing && self.inflight == 0
+    }
+
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing
+    }
+
+    pub(super) fn peer_str(&self) -> String {
+        self.peer.map_or_else(|| "?".into(), |p| p.to_string())
+    }
+
+    pub(super) fn owner(&self, op: Op) -> crate::uring::Owner {
+        self.id.owner(op)
+    }
+
+    /// Counts an op about to be submitted.
+    pub(super) fn submitted(&mut self) {
+        self.inflight += 1;
+    }
+
+    pub(super) fn recv_client<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, buf: Vec<u8>, op: Op) {
+        self.inflight += 1;
+        cx.io.recv(&self.client, buf, self.id.owner(op));
+    }
+
+    pub(super) fn send_client<E: Engine>(
+        &mut self,
+        cx: &mut Ctx<'_, E>,
+        buf: Vec<u8>,
+        off: usize,
+        op: Op,
+    ) {
+        self.inflight += 1;
+        cx.io.send(&self.client, buf, off, self.id.owner(op));
+    }
+
+    /// Arms the connection's one timer (replacing any earlier deadline).
+    pub(super) fn arm_timer<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, after: Duration) {
+        self.timer_seq = (self.timer_seq + 1) & ARG_MAX;
+        let owner = self.id.owner(Op::Timer(self.timer_seq));
+        cx.io.set_timer(cx.now + after, owner);
+    }
+
+    pub(super) fn disarm_timer(&mut self) {
+        self.timer_seq = (self.timer_seq + 1) & ARG_MAX;
+    }
+
+    // ---- entry points (the server and the tests call these) ------------------------------
+
+    /// The connection was accepted: wait for the greeting, within the handshake timeout.
+    pub(crate) fn start<E: Engine>(&mut self, cx: &mut Ctx<'_, E>) {
+        self.last_active = cx.now;
+        self.arm_timer(cx, cx.cfg.handshake_timeout);
+        self.recv_client(cx, Vec::with_capacity(512), Op::HandshakeRecv);
+    }
+
+    pub(crate) fn on_completion<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, op: Op, c: Completion) {
+        if !c.more {
+            self.inflight -= 1;
+        }
+        if let Op::Shutdown(_) = op {
+            self.shutdowns -= 1;
+            return;
+        }
+        if self.closing {
+            // Only account for what the completion hands back.
+            if let Stage::Tunnel(t) = &mut self.stage {
+                t.settle(op, &c);
+            }
+            return;
+        }
+        if !matches!(op, Op::UdpRecv(_) | Op::UdpSend(_)) {
+            self.last_active = cx.now;
+        }
+        match op {
+            Op::HandshakeRecv => self.on_handshake_recv(cx, c),
+            Op::HandshakeSend => self.on_handshake_send(cx, c),
+            Op::Connect => self.on_connect(cx, c),
+            Op::ReplySend | Op::EarlySend => self.on_reply_send(cx, op, c),
+            Op::RejectSend => self.on_reject_send(cx, c),
+            Op::RejectDrain => self.on_reject_drain(cx, c),
+            Op::PollIn(d)
+            | Op::PollOut(d)
+            | Op::SpliceIn(d)
+            | Op::SpliceOut(d)
+            | Op::Recv(d)
+            | Op::Send(d) => self.on_forward(cx, op, d, c),
+            Op::ControlRecv | Op::UdpRecv(_) | Op::UdpSend(_) => self.on_udp(cx, op, c),
+            Op::Shutdown(_) | Op::Timer(_) | Op::Resolve(_) => {}
+        }
+    }
+
+    pub(crate) fn on_timer<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, seq: u16) {
+        if seq != self.timer_seq || self.closing {
+            return;
+        }
+        match &mut self.stage {
+            Stage::Handshake(_) => {
+                info!(client = %self.peer_str(), reason = "handshake timeout", "handshake failed");
+                self.close(cx);
+            }
+            Stage::Connect(_) => self.on_connect_timeout(cx),
+            Stage::Tunnel(_) => {
+                let Some(idle) = cx.cfg.idle_timeout else {
+                    return;
+                };
+                let quiet = cx.now.saturating_duration_since(self.last_active);
+                if quiet >= idle {
+                    debug!(client = %self.peer_str(), "idle timeout");
+                    self.close(cx);
+                } else {
+                    self.arm_timer(cx, idle - quiet);
+                }
+            }
+            Stage::Association(_) => self.on_udp_timer(cx),
+            Stage::Rejecting => self.close(cx),
+        }
+    }
+
+    /// Starts closing: cancels every op that could still wait. Nothing is freed here.
+    pub(crate) fn close<E: Engine>(&mut self, cx: &mut Ctx<'_, E>) {
+        if self.closing {
+            return;
+        }
+        self.closing = true;
+        self.disarm_timer();
+        let waiting = self.inflight > self.shutdowns;
+        match &mut self.stage {
+            Stage::Tunnel(t) => t.close(cx, &self.client, self.inflight - self.shutdowns),
+            Stage::Association(a) => {
+                if waiting {
+                    cx.io.cancel_all(&self.client);
+                }
+                a.close(cx, waiting);
+                self.log_udp_end();
+            }
+            Stage::Connect(c) => {
+                if waiting {
+                    cx.io.cancel_all(&self.client);
+                    if let Some(t) = &c.target {
+                        cx.io.cancel_all(t);
+                    }
+                }
+            }
+            Stage::Handshake(_) | Stage::Rejecting => {
+                if waiting {
+                    cx.io.cancel_all(&self.client);
+                }
+            }
+        }
+    }
+
+    /// Gives back the sockets and pipes, after the last op completed.
+    pub(crate) fn release<E: Engine>(self, cx: &mut Ctx<'_, E>) {
+        debug_assert!(self.is_finished());
+        cx.io.close(self.client);
+        match self.stage {
+            Stage::Tunnel(t) => t.release(cx),
+            Stage::Association(a) => a.release(cx),
+            Stage::Connect(c) => {
+                if let Some(t) = c.target {
+                    cx.io.close(t);
+                }
+            }
+            Stage::Handshake(_) | Stage::Rejecting => {}
+        }
+    }
+
+    /// An I/O error ended the connection.
+    pub(super) fn io_error<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, res: i32) {
+        let target = match &self.stage {
+            Stage::Tunnel(t) => t.dst().to_string(),
+            _ => "?".to_string(),
+        };
+        debug!(
+            client = %self.peer_str(),
+            target = %target,
+            error = %std::io::Error::from_raw_os_error(-res),
+            "connection ended"
+        );
+        self.close(cx);
+    }
+}

@@ -1,0 +1,301 @@
+//! The connect stage of a CONNECT request: resolve the name (off the shard, or from the
+//! cache), connect to each resolved address in turn until one answers, then send the success
+//! reply (after any handshake output still owed) together with the client's early bytes to the
+//! target. Every failure becomes one error reply through [`RelayError::rep`] and the
+//! reject-then-linger close that follows an error reply.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tracing::info;
+
+use super::conn::{Conn, Stage};
+use super::forward::Tunnel;
+use super::handshake::Requested;
+use super::token::Op;
+use super::Ctx;
+use crate::dns::{Addrs, ResolveError};
+use crate::proto::{self, Addr, RelayError, Rep};
+use crate::uring::{Completion, Data, Engine, Sock};
+
+/// How long a rejected client gets to read its error reply.
+pub(super) const REJECT_LINGER: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Resolving,
+    Connecting,
+    /// The success reply (and early data) are being sent; `pending` sends are left.
+    Replying {
+        pending: u8,
+    },
+}
+
+pub(crate) struct Connect {
+    dst: Addr,
+    addrs: Vec<SocketAddr>,
+    next: usize,
+    last_err: Option<RelayError>,
+    reply_prefix: Vec<u8>,
+    early: Vec<u8>,
+    /// The socket being connected, then the connected target.
+    pub(super) target: Option<Sock>,
+    step: Step,
+    timed_out: bool,
+}
+
+impl Conn {
+    /// A CONNECT request: resolve its target and connect, within the connect timeout.
+    pub(super) fn connect<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, r: Requested) {
+        self.arm_timer(cx, cx.cfg.connect_timeout);
+        let dst = r.req.dst;
+        self.stage = Stage::Connect(Box::new(Connect {
+            dst: dst.clone(),
+            addrs: Vec::new(),
+            next: 0,
+            last_err: None,
+            reply_prefix: r.reply_prefix,
+            early: r.early,
+            target: None,
+            step: Step::Resolving,
+            timed_out: false,
+        }));
+        match dst {
+            Addr::Ip(a) => self.connect_to(cx, vec![a]),
+            Addr::Domain(name, port) => {
+                let owner = self.owner(Op::Resolve(0));
+                if let Some(res) = cx.dns.lookup(&name, port, owner, cx.now) {
+                    self.on_resolved(cx, 0, res);
+                }
+            }
+        }
+    }
+
+    /// A name lookup this connection asked for has finished.
+    pub(crate) fn on_resolved<E: Engine>(
+        &mut self,
+        cx: &mut Ctx<'_, E>,
+        id: u16,
+        res: Result<Addrs, ResolveError>,
+    ) {
+        if self.is_closing() {
+            return;
+        }
+        match &mut self.stage {
+            Stage::Association(_) => self.on_udp_resolved(cx, id, res),
+            Stage::Connect(c) if c.step == Step::Resolving => match res {
+                Ok(addrs) if !addrs.is_empty() => self.connect_to(cx, addrs.to_vec()),
+                _ => self.fail_connect(cx, RelayError::ResolveFailed),
+            },
+            _ => {}
+        }
+    }
+
+    fn connect_to<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, addrs: Vec<SocketAddr>) {
+        let Stage::Connect(c) = &mut self.stage else {
+            return;
+        };
+        c.addrs = addrs;
+        self.connect_next(cx);
+    }
+
+    /// Connects to the next resolved address, or fails with the last error.
+    fn connect_next<E: Engine>(&mut self, cx: &mut Ctx<'_, E>) {
+        let owner = self.owner(Op::Connect);
+        let Stage::Connect(c) = &mut self.stage else {
+            return;
+        };
+        c.step = Step::Connecting;
+        while let Some(&addr) = c.addrs.get(c.next) {
+            c.next += 1;
+            match cx.io.connect(addr, owner) {
+                Ok((sock, _)) => {
+                    c.target = Some(sock);
+                    self.submitted();
+                    return;
+                }
+                Err(e) => c.last_err = Some(RelayError::Connect(e.raw_os_error().unwrap_or(0))),
+            }
+        }
+        let err = c.last_err.take().unwrap_or(RelayError::ResolveFailed);
+        self.fail_connect(cx, err);
+    }
+
+    pub(super) fn on_connect<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, c: Completion) {
+        let Stage::Connect(st) = &mut self.stage else {
+            return self.close(cx);
+        };
+        let Some(sock) = st.target.take() else {
+            return self.close(cx);
+        };
+        if c.res < 0 {
+            cx.io.close(sock);
+            if st.timed_out || c.res == -libc::ECANCELED {
+                return self.fail_connect(cx, RelayError::ConnectTimeout);
+            }
+            st.last_err = Some(RelayError::Connect(-c.res));
+            return self.connect_next(cx);
+        }
+        let (sock, bnd) = cx.io.establish(sock);
+        let prefix = std::mem::take(&mut st.reply_prefix);
+        let early = std::mem::take(&mut st.early);
+        st.step = Step::Replying {
+            pending: 1 + u8::from(!early.is_empty()),
+        };
+        if !early.is_empty() {
+            cx.io.send(&sock, early, 0, self.id.owner(Op::EarlySend));
+            self.inflight += 1;
+        }
+        st.target = Some(sock);
+        self.disarm_timer();
+        let Some(bnd) = bnd else {
+            return self.fail_connect(cx, RelayError::General("outbound socket has no address"));
+        };
+        self.send_success_reply(cx, prefix, bnd);
+    }
+
+    pub(super) fn on_connect_timeout<E: Engine>(&mut self, cx: &mut Ctx<'_, E>) {
+        let Stage::Connect(c) = &mut self.stage else {
+            return;
+        };
+        match c.step {
+            Step::Resolving => self.fail_connect(cx, RelayError::ConnectTimeout),
+            Step::Connecting => {
+                // The connect completes with -ECANCELED and is reported as a timeout there.
+                c.timed_out = true;
+                if let Some(t) = &c.target {
+                    cx.io.cancel_all(t);
+                }
+            }
+            Step::Replying { .. } => self.close(cx),
+        }
+    }
+
+    /// Sends the success reply with `bnd`, after `prefix` (handshake output still owed).
+    pub(super) fn send_success_reply<E: Engine>(
+        &mut self,
+        cx: &mut Ctx<'_, E>,
+        mut prefix: Vec<u8>,
+        bnd: SocketAddr,
+    ) {
+        proto::codec::encode_reply(Rep::SUCCEEDED, &Addr::Ip(bnd), &mut prefix);
+        self.send_client(cx, prefix, 0, Op::ReplySend);
+    }
+
+    pub(super) fn on_reply_send<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, op: Op, c: Completion) {
+        let Data::Buf { buf, off } = c.data else {
+            return self.close(cx);
+        };
+        if c.res <= 0 {
+            return self.close(cx);
+        }
+        let off = off + c.res as usize;
+        if off < buf.len() {
+            if op == Op::ReplySend {
+                return self.send_client(cx, buf, off, op);
+            }
+            let owner = self.owner(op);
+            if let Stage::Connect(st) = &self.stage {
+                if let Some(t) = &st.target {
+                    cx.io.send(t, buf, off, owner);
+                    return self.submitted();
+                }
+            }
+            return self.close(cx);
+        }
+        match &mut self.stage {
+            Stage::Association(_) => self.start_udp(cx),
+            Stage::Connect(st) => {
+                let Step::Replying { pending } = &mut st.step else {
+                    return self.close(cx);
+                };
+                *pending -= 1;
+                if *pending > 0 {
+                    return;
+                }
+                let (Some(target), dst) = (st.target.take(), st.dst.clone()) else {
+                    return self.close(cx);
+                };
+                self.stage = Stage::Tunnel(Box::new(Tunnel::new(target, dst)));
+                self.start_forwarding(cx);
+            }
+            _ => self.close(cx),
+        }
+    }
+
+    fn fail_connect<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, err: RelayError) {
+        let (prefix, dst) = match &mut self.stage {
+            Stage::Connect(c) => (std::mem::take(&mut c.reply_prefix), c.dst.clone()),
+            _ => (Vec::new(), Addr::Ip(SocketAddr::from(([0, 0, 0, 0], 0)))),
+        };
+        self.fail(cx, prefix, &dst, err);
+    }
+
+    /// Logs why the request failed and sends its error reply (after `prefix`), then closes.
+    pub(super) fn fail<E: Engine>(
+        &mut self,
+        cx: &mut Ctx<'_, E>,
+        mut prefix: Vec<u8>,
+        dst: &Addr,
+        err: RelayError,
+    ) {
+        info!(
+            client = %self.peer_str(),
+            target = %dst,
+            reason = %err,
+            rep = err.rep().0,
+            "connect failed"
+        );
+        proto::server::error_reply(&err, &mut prefix);
+        self.reject(cx, prefix);
+    }
+
+    /// Sends `out` (an error reply, possibly empty) and closes after it.
+    pub(super) fn reject<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, out: Vec<u8>) {
+        // No op is in flight on a target here (its connect has completed, or none started).
+        let before = std::mem::replace(&mut self.stage, Stage::Rejecting);
+        if let Stage::Connect(c) = before {
+            if let Some(t) = c.target {
+                cx.io.close(t);
+            }
+        }
+        if out.is_empty() {
+            return self.close(cx);
+        }
+        self.arm_timer(cx, REJECT_LINGER);
+        self.send_client(cx, out, 0, Op::RejectSend);
+    }
+
+    pub(super) fn on_reject_send<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, c: Completion) {
+        let Data::Buf { mut buf, off } = c.data else {
+            return self.close(cx);
+        };
+        if c.res <= 0 {
+            return self.close(cx);
+        }
+        let off = off + c.res as usize;
+        if off < buf.len() {
+            return self.send_client(cx, buf, off, Op::RejectSend);
+        }
+        // The answer is out. Closing now with unread client bytes would send a reset that can
+        // destroy the answer before the client reads it: send our FIN, then discard what the
+        // client still sends until its EOF (or REJECT_LINGER, armed in `reject`).
+        self.inflight += 1;
+        self.shutdowns += 1;
+        cx.io
+            .shutdown_write(&self.client, self.owner(Op::Shutdown(super::Dir::Up)));
+        buf.clear();
+        buf.reserve(512);
+        self.recv_client(cx, buf, Op::RejectDrain);
+    }
+
+    pub(super) fn on_reject_drain<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, c: Completion) {
+        match c.data {
+            Data::Buf { mut buf, .. } if c.res > 0 => {
+                buf.clear();
+                self.recv_client(cx, buf, Op::RejectDrain);
+            }
+            _ => self.close(cx),
+        }
+    }
+}

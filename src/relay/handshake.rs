@@ -1,0 +1,110 @@
+//! The handshake stage: greeting, optional RFC 1929 authentication and the request, read from
+//! the client and fed to the sans-IO [`ServerHandshake`]. Its replies (method selection, auth
+//! status) are sent before reading on. The request moves the connection to
+//! [`connect`](super::connect) or [`udp`](super::udp); a protocol error to an error reply.
+
+use tracing::info;
+
+use super::conn::{Conn, Stage};
+use super::token::Op;
+use super::Ctx;
+use crate::proto::{self, Command, RelayError, ServerHandshake, Step};
+use crate::uring::{Completion, Data, Engine};
+
+/// A handshake never needs more than greeting (257) + auth (513) + request (262) bytes.
+const MAX_HANDSHAKE: usize = 2048;
+
+#[derive(Default)]
+pub(crate) struct Handshake {
+    machine: ServerHandshake,
+    /// Bytes already fed but not consumed, kept while a reply is being sent.
+    unread: Vec<u8>,
+}
+
+/// What the handshake leaves for the next stage.
+pub(super) struct Requested {
+    pub req: proto::Request,
+    /// Handshake output not yet sent (an auth status when the request came pipelined).
+    pub reply_prefix: Vec<u8>,
+    /// Client bytes that came after the request.
+    pub early: Vec<u8>,
+}
+
+impl Conn {
+    pub(super) fn on_handshake_recv<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, c: Completion) {
+        let Data::Buf { mut buf, off } = c.data else {
+            return self.close(cx);
+        };
+        if c.res <= 0 {
+            if off > 0 || c.res < 0 {
+                let reason = if c.res == 0 {
+                    "client closed mid-handshake".to_string()
+                } else {
+                    std::io::Error::from_raw_os_error(-c.res).to_string()
+                };
+                info!(client = %self.peer_str(), reason = %reason, "handshake failed");
+            }
+            return self.close(cx);
+        }
+        let Stage::Handshake(hs) = &mut self.stage else {
+            return self.close(cx);
+        };
+        let users = cx.cfg.users.as_deref();
+        let mut out = Vec::new();
+        let (step, consumed) = hs.machine.advance(&buf, users, &mut out);
+        match step {
+            Step::NeedMore => {
+                buf.drain(..consumed);
+                if buf.len() >= MAX_HANDSHAKE {
+                    info!(client = %self.peer_str(), reason = "handshake too long", "handshake failed");
+                    return self.close(cx);
+                }
+                if out.is_empty() {
+                    self.recv_client(cx, buf, Op::HandshakeRecv);
+                } else {
+                    hs.unread = buf;
+                    self.send_client(cx, out, 0, Op::HandshakeSend);
+                }
+            }
+            Step::Request(req) => {
+                let next = Requested {
+                    req,
+                    reply_prefix: out,
+                    early: buf[consumed..].to_vec(),
+                };
+                if next.req.cmd == Command::UDP_ASSOCIATE {
+                    self.associate(cx, next);
+                } else if next.req.cmd == Command::CONNECT {
+                    self.connect(cx, next);
+                } else {
+                    let cmd = next.req.cmd.0;
+                    self.fail(cx, next.reply_prefix, &next.req.dst, RelayError::CommandNotSupported(cmd));
+                }
+            }
+            Step::Reject(err) => {
+                info!(client = %self.peer_str(), reason = %err, "handshake failed");
+                self.reject(cx, out);
+            }
+        }
+    }
+
+    pub(super) fn on_handshake_send<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, c: Completion) {
+        let Data::Buf { buf, off } = c.data else {
+            return self.close(cx);
+        };
+        if c.res <= 0 {
+            return self.close(cx);
+        }
+        let off = off + c.res as usize;
+        if off < buf.len() {
+            return self.send_client(cx, buf, off, Op::HandshakeSend);
+        }
+        let Stage::Handshake(hs) = &mut self.stage else {
+            return self.close(cx);
+        };
+        // Bytes left over from the last segment were already fed and are incomplete: keep
+        // them and read more after them.
+        let unread = std::mem::take(&mut hs.unread);
+        self.recv_client(cx, unread, Op::HandshakeRecv);
+    }
+}

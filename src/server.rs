@@ -1,0 +1,615 @@
+//! A shard: one pinned thread that owns one io_uring ring, one SO_REUSEPORT listener per
+//! `--listen` address, and every connection it accepted. Nothing here is shared with other
+//! shards, so nothing on the hot path takes a lock.
+//!
+//! The loop is completion driven: submit and wait once per turn, hand every completion to the
+//! connection its owner token names (or to the shard's own ops: accepts, wake-ups, the timer
+//! wheel), fire due timers, publish returned buffers, and re-arm receives that were starved of
+//! them. The server owns the connection slab, accept back-off and stop/drain; the relay owns
+//! what a connection does; the engine (`crate::uring`) owns the ring. No `unsafe` here.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, ForwardMode};
+use crate::dns::{Resolver, ShardResolver};
+use crate::relay::token::{self, ConnId, Op, MAX_SLOT};
+use crate::relay::{Conn, Ctx, ShardState};
+use crate::uring::{Completion, Data, Engine, Owner, Ring, RingSpec};
+
+/// The shard's own ops, marked by the owner word's top bit (the relay keeps it clear).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ShardOp {
+    Accept(u8),
+    AcceptRetry(u8),
+    Wheel,
+    DnsWake,
+    CtlWake,
+    Drain,
+}
+
+const SHARD_BIT: u64 = 1 << 63;
+
+impl ShardOp {
+    fn owner(self) -> Owner {
+        let (kind, arg): (u8, u8) = match self {
+            ShardOp::Accept(i) => (0, i),
+            ShardOp::AcceptRetry(i) => (1, i),
+            ShardOp::Wheel => (2, 0),
+            ShardOp::DnsWake => (3, 0),
+            ShardOp::CtlWake => (4, 0),
+            ShardOp::Drain => (5, 0),
+        };
+        Owner(SHARD_BIT | (u64::from(kind) << 8) | u64::from(arg))
+    }
+
+    fn decode(owner: Owner) -> Option<ShardOp> {
+        if owner.0 & SHARD_BIT == 0 {
+            return None;
+        }
+        let arg = owner.0 as u8;
+        Some(match (owner.0 >> 8) as u8 {
+            0 => ShardOp::Accept(arg),
+            1 => ShardOp::AcceptRetry(arg),
+            2 => ShardOp::Wheel,
+            3 => ShardOp::DnsWake,
+            4 => ShardOp::CtlWake,
+            5 => ShardOp::Drain,
+            _ => return None,
+        })
+    }
+}
+
+/// Copy-path buffers: entries and size. 2048 x 16 KiB = 32 MiB of address space per shard,
+/// resident only once used.
+const COPY_BUF_ENTRIES: u16 = 2048;
+const COPY_BUF_SIZE: u32 = 16 * 1024;
+/// UDP buffers: the recvmsg header, name and control areas, then room for the largest
+/// datagram (65,535 bytes), rounded to pages. 512 x 68 KiB = 34 MiB of address space per
+/// shard; a small datagram makes only its buffer's first page resident.
+const UDP_BUF_ENTRIES: u16 = 512;
+const UDP_BUF_SIZE: u32 = 68 * 1024;
+const RING: RingSpec = RingSpec {
+    entries: 4096,
+    fixed_files: 1 << 16,
+    // Splice-path pipe capacity and how many drained pipes a shard keeps for reuse.
+    pipe_size: 256 * 1024,
+    pipes_idle: 64,
+    // Splices run in io-wq workers; a small bound keeps them from crowding the cores.
+    iowq_workers: [2, 4],
+};
+
+/// Everything a shard thread needs, built on the main thread.
+pub struct ShardSpec {
+    pub id: usize,
+    pub core: Option<core_affinity::CoreId>,
+    pub listeners: Vec<Socket>,
+    pub cfg: Arc<Config>,
+    pub resolver: Arc<Resolver>,
+    pub ctl: std::io::PipeReader,
+    pub stop: Arc<AtomicBool>,
+}
+
+struct Slot {
+    generation: u32,
+    conn: Option<Box<Conn>>,
+}
+
+/// The shard's connections, by slot.
+#[derive(Default)]
+struct Slab {
+    slots: Vec<Slot>,
+    /// Free slots, reused oldest first so that one slot is not recycled at once.
+    free: std::collections::VecDeque<u32>,
+    live: usize,
+}
+
+/// What the connections' handlers use, apart from the connections themselves.
+struct Env {
+    ring: Ring,
+    dns: ShardResolver,
+    cfg: Arc<Config>,
+    state: ShardState,
+    /// The time at the start of this loop turn (one clock read per turn).
+    now: Instant,
+}
+
+impl Env {
+    fn ctx(&mut self) -> Ctx<'_, Ring> {
+        Ctx {
+            io: &mut self.ring,
+            cfg: &self.cfg,
+            now: self.now,
+            dns: &mut self.dns,
+            shard: &mut self.state,
+        }
+    }
+}
+
+impl Slab {
+    /// Runs `f` on connection `id` (if it still exists), then releases it if it has finished
+    /// closing: no op in flight, so no memory or socket is still in the kernel's hands.
+    fn with(&mut self, env: &mut Env, id: ConnId, f: impl FnOnce(&mut Conn, &mut Ctx<'_, Ring>)) {
+        let Some(slot) = self.slots.get_mut(id.slot as usize) else {
+            return;
+        };
+        if slot.generation != id.generation {
+            return;
+        }
+        let Some(conn) = slot.conn.as_mut() else {
+            return;
+        };
+        let mut cx = env.ctx();
+        f(conn, &mut cx);
+        if conn.is_finished() {
+            let conn = slot.conn.take().expect("checked above");
+            conn.release(&mut cx);
+            slot.generation = ConnId::next_generation(slot.generation);
+            self.free.push_back(id.slot);
+            self.live -= 1;
+        }
+    }
+
+    /// A free slot for a new connection, or None when the table is full.
+    fn vacant(&mut self) -> Option<ConnId> {
+        let slot = match self.free.pop_front() {
+            Some(i) => i,
+            None if self.slots.len() > MAX_SLOT as usize => return None,
+            None => {
+                self.slots.push(Slot {
+                    generation: 0,
+                    conn: None,
+                });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        Some(ConnId {
+            slot,
+            generation: self.slots[slot as usize].generation,
+        })
+    }
+
+    fn ids(&self) -> Vec<ConnId> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.conn.is_some())
+            .map(|(i, s)| ConnId {
+                slot: i as u32,
+                generation: s.generation,
+            })
+            .collect()
+    }
+}
+
+struct Listener {
+    sock: Option<Socket>,
+    /// The address connections arrive at, unless the listener is on a wildcard IP (then each
+    /// connection's own local address is looked up).
+    local: Option<SocketAddr>,
+    backoff: Duration,
+    /// A multishot accept is in flight (false while backing off after an error).
+    armed: bool,
+}
+
+pub struct Shard {
+    env: Env,
+    conns: Slab,
+    listeners: Vec<Listener>,
+    ctl: std::io::PipeReader,
+    stop: Arc<AtomicBool>,
+    stopping: bool,
+    id: usize,
+}
+
+/// Creates the SO_REUSEPORT listeners for every shard. Port 0 is resolved once (by the first
+/// shard's socket) so that every shard listens on the same port.
+pub fn bind_listeners(addrs: &[SocketAddr], shards: usize) -> std::io::Result<Vec<Vec<Socket>>> {
+    let mut per_shard: Vec<Vec<Socket>> = (0..shards).map(|_| Vec::new()).collect();
+    for addr in addrs {
+        let mut addr = *addr;
+        for list in per_shard.iter_mut() {
+            let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            sock.set_reuse_address(true)?;
+            sock.set_reuse_port(true)?;
+            // Accepted sockets inherit TCP_NODELAY from their listener, which saves a
+            // setsockopt per connection.
+            sock.set_tcp_nodelay(true)?;
+            if addr.is_ipv6() {
+                sock.set_only_v6(true)?;
+            }
+            sock.bind(&addr.into())
+                .map_err(|e| std::io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
+            sock.listen(4096)?;
+            if addr.port() == 0 {
+                addr = sock
+                    .local_addr()?
+                    .as_socket()
+                    .ok_or_else(|| std::io::Error::other("listener has no IP address"))?;
+            }
+            list.push(sock);
+        }
+    }
+    Ok(per_shard)
+}
+
+impl Shard {
+    /// Runs a shard until it has stopped and drained. `ready` gets one message once the ring
+    /// and the accept ops are set up (or the error that prevented it).
+    pub fn run(
+        spec: ShardSpec,
+        ready: std::sync::mpsc::Sender<std::io::Result<()>>,
+    ) -> std::io::Result<()> {
+        match Self::setup(spec) {
+            Ok(mut shard) => {
+                shard.arm();
+                let _ = ready.send(Ok(()));
+                // Dropping the shard drops its ring, which cancels and drains every op.
+                shard.turn_until_stopped()
+            }
+            Err(e) => {
+                let _ = ready.send(Err(std::io::Error::new(e.kind(), e.to_string())));
+                Err(e)
+            }
+        }
+    }
+
+    fn setup(spec: ShardSpec) -> std::io::Result<Shard> {
+        if let Some(core) = spec.core {
+            if !core_affinity::set_for_current(core) {
+                warn!(
+                    shard = spec.id,
+                    core = core.id,
+                    "could not pin shard to its core"
+                );
+            }
+        }
+        let now = Instant::now();
+        let mut ring = Ring::new(&RING, now)?;
+        let copy_group = match spec.cfg.forward {
+            ForwardMode::Copy | ForwardMode::Auto => {
+                Some(ring.add_buf_group(COPY_BUF_ENTRIES, COPY_BUF_SIZE)?)
+            }
+            ForwardMode::Splice => None,
+        };
+        let udp_group = ring
+            .add_buf_group(UDP_BUF_ENTRIES, UDP_BUF_SIZE)
+            .map_err(
+                |e| warn!(shard = spec.id, error = %e, "no UDP buffer pool; UDP ASSOCIATE off"),
+            )
+            .ok();
+        debug!(
+            shard = spec.id,
+            setup = ring.setup,
+            fixed_files = ring.fixed_files(),
+            "ring ready"
+        );
+        Ok(Shard {
+            env: Env {
+                ring,
+                dns: ShardResolver::new(spec.resolver)?,
+                cfg: spec.cfg,
+                state: ShardState {
+                    copy_group,
+                    udp_group,
+                    ..ShardState::default()
+                },
+                now,
+            },
+            conns: Slab::default(),
+            listeners: spec
+                .listeners
+                .into_iter()
+                .map(|s| Listener {
+                    local: s
+                        .local_addr()
+                        .ok()
+                        .and_then(|a| a.as_socket())
+                        .filter(|a| !a.ip().is_unspecified()),
+                    sock: Some(s),
+                    backoff: Duration::ZERO,
+                    armed: false,
+                })
+                .collect(),
+            ctl: spec.ctl,
+            stop: spec.stop,
+            stopping: false,
+            id: spec.id,
+        })
+    }
+
+    /// Starts the shard-level ops: accepts and the two wake-up reads.
+    fn arm(&mut self) {
+        for i in 0..self.listeners.len() {
+            self.arm_accept(i);
+        }
+        let dns_fd = self.env.dns.wake_fd();
+        self.env
+            .ring
+            .read(dns_fd, Vec::with_capacity(64), ShardOp::DnsWake.owner());
+        self.env.ring.read(
+            self.ctl.as_raw_fd(),
+            Vec::with_capacity(8),
+            ShardOp::CtlWake.owner(),
+        );
+    }
+
+    fn turn_until_stopped(&mut self) -> std::io::Result<()> {
+        let mut completions = Vec::with_capacity(1024);
+        let mut expired = Vec::new();
+        let busy_poll = self.env.cfg.busy_poll;
+        let mut last_event = Instant::now();
+        loop {
+            match busy_poll {
+                None => self.env.ring.submit_and_wait(1)?,
+                Some(window) => self.busy_wait(window, &mut last_event)?,
+            }
+            self.env.now = Instant::now();
+            self.env.ring.reap(&mut completions);
+            for c in completions.drain(..) {
+                self.dispatch(c);
+            }
+            self.env.ring.expire_timers(self.env.now, &mut expired);
+            for owner in expired.drain(..) {
+                self.on_timer(owner);
+            }
+            self.env.ring.publish_buffers();
+            self.rearm_starved();
+            self.env.ring.arm_wheel(self.env.now, ShardOp::Wheel.owner());
+            if self.stopping
+                && self.conns.live == 0
+                && self.listeners.iter().all(|l| l.sock.is_none())
+            {
+                break;
+            }
+        }
+        info!(shard = self.id, "shard stopped");
+        Ok(())
+    }
+
+    /// Re-arms receives that found their buffer pool empty, as many as there are free
+    /// buffers (each needs at least one); the rest wait for the next returned buffers.
+    fn rearm_starved(&mut self) {
+        let env = &mut self.env;
+        let free = |env: &Env, g: Option<crate::uring::Group>| {
+            g.and_then(|g| env.ring.buf_pool(g))
+                .map_or(0, |(_, available)| available as usize)
+        };
+        let n = free(env, env.state.copy_group).min(env.state.starved.len());
+        if n > 0 {
+            let ready: Vec<_> = env.state.starved.drain(..n).collect();
+            for (id, d) in ready {
+                self.conns.with(env, id, |c, cx| c.rearm_recv(cx, d));
+            }
+        }
+        let n = free(env, env.state.udp_group).min(env.state.udp_starved.len());
+        if n > 0 {
+            let ready: Vec<_> = env.state.udp_starved.drain(..n).collect();
+            for (id, side) in ready {
+                self.conns.with(env, id, |c, cx| c.rearm_udp(cx, side));
+            }
+        }
+    }
+
+    /// `--busy-poll`: keep running the ring's completions without sleeping until one is ready,
+    /// for up to `window` after the last one; then sleep as usual.
+    fn busy_wait(&mut self, window: Duration, last_event: &mut Instant) -> std::io::Result<()> {
+        // Check the clock only every so many spins: it is the costliest part of a spin.
+        let mut spins = 0u32;
+        loop {
+            self.env.ring.submit_nowait()?;
+            if self.env.ring.has_completions() {
+                *last_event = Instant::now();
+                return Ok(());
+            }
+            spins += 1;
+            if spins.is_multiple_of(64) && last_event.elapsed() >= window {
+                self.env.ring.submit_and_wait(1)?;
+                *last_event = Instant::now();
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn dispatch(&mut self, c: Completion) {
+        if let Some((id, op)) = token::decode(c.owner) {
+            self.conns
+                .with(&mut self.env, id, |conn, cx| conn.on_completion(cx, op, c));
+            return;
+        }
+        match ShardOp::decode(c.owner) {
+            Some(ShardOp::Accept(i)) => self.on_accept(i as usize, c),
+            Some(ShardOp::Wheel) => self.env.ring.wheel_fired(),
+            Some(ShardOp::DnsWake) => {
+                let mut answers = Vec::new();
+                self.env
+                    .dns
+                    .drain(self.env.now, |owner, res| answers.push((Owner(owner), res)));
+                for (owner, res) in answers {
+                    if let Some((id, Op::Resolve(n))) = token::decode(owner) {
+                        self.conns
+                            .with(&mut self.env, id, |conn, cx| conn.on_resolved(cx, n, res));
+                    }
+                }
+                let buf = match c.data {
+                    Data::Buf { mut buf, .. } => {
+                        buf.clear();
+                        buf
+                    }
+                    _ => Vec::with_capacity(64),
+                };
+                let fd = self.env.dns.wake_fd();
+                self.env.ring.read(fd, buf, c.owner);
+            }
+            Some(ShardOp::CtlWake) => {
+                if self.stop.load(Ordering::Acquire) {
+                    self.begin_stop();
+                } else {
+                    let fd = self.ctl.as_raw_fd();
+                    self.env.ring.read(fd, Vec::with_capacity(8), c.owner);
+                }
+            }
+            Some(ShardOp::AcceptRetry(_) | ShardOp::Drain) | None => {}
+        }
+    }
+
+    fn on_timer(&mut self, owner: Owner) {
+        if let Some((id, op)) = token::decode(owner) {
+            if let Op::Timer(seq) = op {
+                self.conns
+                    .with(&mut self.env, id, |conn, cx| conn.on_timer(cx, seq));
+            }
+            return;
+        }
+        match ShardOp::decode(owner) {
+            Some(ShardOp::AcceptRetry(i)) if !self.stopping => self.arm_accept(i as usize),
+            Some(ShardOp::Drain) => {
+                if self.conns.live > 0 {
+                    info!(
+                        shard = self.id,
+                        connections = self.conns.live,
+                        "drain timeout: closing the rest"
+                    );
+                }
+                for id in self.conns.ids() {
+                    self.conns.with(&mut self.env, id, |conn, cx| conn.close(cx));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn arm_accept(&mut self, i: usize) {
+        if let Some(sock) = &self.listeners[i].sock {
+            let fd = sock.as_raw_fd();
+            self.listeners[i].armed = true;
+            self.env
+                .ring
+                .accept_multi(fd, ShardOp::Accept(i as u8).owner());
+        }
+    }
+
+    fn on_accept(&mut self, i: usize, c: Completion) {
+        if let Data::Accepted(fd) = c.data {
+            self.listeners[i].backoff = Duration::ZERO;
+            if !self.stopping {
+                self.add_conn(fd, i);
+            }
+        }
+        if c.more {
+            return;
+        }
+        self.listeners[i].armed = false;
+        // The multishot accept ended: on stop, close the listener; on error, back off so an
+        // fd shortage (EMFILE/ENFILE) is neither a crash nor a busy loop.
+        if self.stopping {
+            self.listeners[i].sock = None;
+            return;
+        }
+        if c.res < 0 {
+            let err = std::io::Error::from_raw_os_error(-c.res);
+            let l = &mut self.listeners[i];
+            l.backoff = (l.backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+            warn!(shard = self.id, error = %err, retry_in = ?l.backoff, "accept failed");
+            let at = self.env.now + l.backoff;
+            self.env
+                .ring
+                .set_timer(at, ShardOp::AcceptRetry(i as u8).owner());
+        } else {
+            self.arm_accept(i);
+        }
+    }
+
+    fn add_conn(&mut self, fd: OwnedFd, listener: usize) {
+        let Some(id) = self.conns.vacant() else {
+            warn!(
+                shard = self.id,
+                "connection table full; dropping a new connection"
+            );
+            return;
+        };
+        let sock = Socket::from(fd);
+        // The peer address needs an ordinary fd: take it before the socket moves into the
+        // fixed-file table. (TCP_NODELAY came with the socket, from the listener.)
+        let peer = sock.peer_addr().ok().and_then(|a| a.as_socket());
+        let local = self.listeners[listener]
+            .local
+            .or_else(|| sock.local_addr().ok().and_then(|a| a.as_socket()));
+        let client = self.env.ring.install(OwnedFd::from(sock));
+        let conn = Conn::new(id, client, peer, local, self.env.now);
+        self.conns.slots[id.slot as usize].conn = Some(Box::new(conn));
+        self.conns.live += 1;
+        self.conns.with(&mut self.env, id, |conn, cx| conn.start(cx));
+    }
+
+    fn begin_stop(&mut self) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        info!(
+            shard = self.id,
+            connections = self.conns.live,
+            "stopping: no new connections, draining"
+        );
+        for l in &mut self.listeners {
+            match (&l.sock, l.armed) {
+                (Some(s), true) => self.env.ring.cancel_fd(s.as_raw_fd()),
+                _ => l.sock = None,
+            }
+        }
+        let at = self.env.now + self.env.cfg.drain_timeout;
+        self.env.ring.set_timer(at, ShardOp::Drain.owner());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_sockets_inherit_tcp_nodelay_from_the_listeners() {
+        // The accept path no longer sets TCP_NODELAY itself: it relies on this.
+        let addrs: Vec<SocketAddr> =
+            vec!["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()];
+        for list in bind_listeners(&addrs, 1).unwrap() {
+            for l in list {
+                assert!(l.tcp_nodelay().unwrap());
+                let to = l.local_addr().unwrap().as_socket().unwrap();
+                let _client = std::net::TcpStream::connect(to).unwrap();
+                let (accepted, _) = l.accept().unwrap();
+                assert!(accepted.tcp_nodelay().unwrap(), "{to}");
+            }
+        }
+    }
+
+    #[test]
+    fn shard_ops_round_trip_and_never_look_like_connection_ops() {
+        let ops = [
+            ShardOp::Accept(3),
+            ShardOp::AcceptRetry(255),
+            ShardOp::Wheel,
+            ShardOp::DnsWake,
+            ShardOp::CtlWake,
+            ShardOp::Drain,
+        ];
+        for op in ops {
+            assert_eq!(ShardOp::decode(op.owner()), Some(op));
+            assert_eq!(token::decode(op.owner()), None, "{op:?}");
+        }
+        let conn = ConnId {
+            slot: 1,
+            generation: 2,
+        }
+        .owner(Op::Connect);
+        assert_eq!(ShardOp::decode(conn), None);
+    }
+}
