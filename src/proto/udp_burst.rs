@@ -353,6 +353,9 @@ pub fn insert_reply_headers(
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::proto::udp::encode_udp_header_addr;
