@@ -14,6 +14,7 @@ pub mod error;
 pub mod server;
 pub mod udp;
 pub mod udp_assoc;
+pub mod udp_burst;
 pub mod wire;
 
 pub use addr::Addr;
