@@ -12,6 +12,8 @@
 
 mod duration;
 mod logging;
+#[cfg(test)]
+mod test_support;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -554,47 +556,9 @@ fn read_private_file(path: &Path) -> Result<String, ConfigError> {
 
 #[cfg(test)]
 mod tests {
+    use super::test_support::{parse, parse_err, TempFile};
     use super::*;
     use clap::CommandFactory;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
-        Config::try_parse_from(std::iter::once("ringsocks").chain(args.iter().copied()))
-    }
-
-    fn parse_err(args: &[&str]) -> String {
-        match parse(args) {
-            Ok(c) => panic!("{args:?} accepted: {c:?}"),
-            Err(e) => e.to_string(),
-        }
-    }
-
-    /// A file in the temp dir with `mode`, removed on drop.
-    struct TempFile(PathBuf);
-
-    impl TempFile {
-        fn new(contents: &str, mode: u32) -> TempFile {
-            static N: AtomicUsize = AtomicUsize::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "ringsocks-config-test-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::write(&path, contents).unwrap();
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-            TempFile(path)
-        }
-
-        fn path(&self) -> &str {
-            self.0.to_str().unwrap()
-        }
-    }
-
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
 
     #[test]
     fn clap_definition_is_consistent() {
