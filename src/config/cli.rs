@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use super::duration::{parse_duration, parse_idle_timeout, parse_positive_duration};
+use super::duration::{off_if_zero, parse_duration, parse_idle_timeout, parse_positive_duration};
 use super::users::load_users;
 use super::{
     invalid, Config, ConfigError, ForwardMode, DEFAULT_FORWARD, DEFAULT_LISTEN,
@@ -311,16 +311,16 @@ impl Config {
             users,
             connect_timeout: args.connect_timeout,
             handshake_timeout: args.handshake_timeout,
-            idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
+            idle_timeout: off_if_zero(args.idle_timeout),
             drain_timeout: args.drain_timeout,
-            busy_poll: (!args.busy_poll.is_zero()).then_some(args.busy_poll),
+            busy_poll: off_if_zero(args.busy_poll),
             log_level: args.log_level.into(),
             resolver_threads: args.resolver_threads,
             udp_advertise: args.udp_advertise,
             udp_client_check: args.udp_client_check.into(),
             udp_frag_reassemble: args.udp_frag == UdpFrag::Reassemble,
             udp_frag_timeout: args.udp_frag_timeout,
-            udp_idle_timeout: (!args.udp_idle_timeout.is_zero()).then_some(args.udp_idle_timeout),
+            udp_idle_timeout: off_if_zero(args.udp_idle_timeout),
         })
     }
 }

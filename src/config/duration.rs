@@ -67,12 +67,17 @@ pub(super) fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// Zero stands for "off" (`Config` turns it into `None`).
+/// Zero stands for "off" ([`off_if_zero`] turns it into `None`).
 pub(super) fn parse_idle_timeout(s: &str) -> Result<Duration, String> {
     if s.eq_ignore_ascii_case("off") {
         return Ok(Duration::ZERO);
     }
     parse_duration(s).map_err(|e| format!("{e}, or \"off\""))
+}
+
+/// A duration from [`parse_idle_timeout`] as the `Config` field: zero is "off".
+pub(super) fn off_if_zero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
 }
 
 #[cfg(test)]
