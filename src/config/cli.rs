@@ -268,23 +268,14 @@ impl Config {
         }
 
         let shards = match args.shards {
-            Some(0) => return Err(invalid("--shards: must be at least 1")),
-            Some(n) if n > MAX_SHARDS => {
-                return Err(invalid(format!("--shards: at most {MAX_SHARDS}, got {n}")))
-            }
-            Some(n) => n,
+            Some(n) => count("--shards", n, MAX_SHARDS)?,
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
-
-        if args.resolver_threads == 0 {
-            return Err(invalid("--resolver-threads: must be at least 1"));
-        }
-        if args.resolver_threads > MAX_RESOLVER_THREADS {
-            return Err(invalid(format!(
-                "--resolver-threads: at most {MAX_RESOLVER_THREADS}, got {}",
-                args.resolver_threads
-            )));
-        }
+        let resolver_threads = count(
+            "--resolver-threads",
+            args.resolver_threads,
+            MAX_RESOLVER_THREADS,
+        )?;
 
         let users = load_users(&args.user, args.users.as_deref())?.map(Arc::new);
 
@@ -315,7 +306,7 @@ impl Config {
             drain_timeout: args.drain_timeout,
             busy_poll: off_if_zero(args.busy_poll),
             log_level: args.log_level.into(),
-            resolver_threads: args.resolver_threads,
+            resolver_threads,
             udp_advertise: args.udp_advertise,
             udp_client_check: args.udp_client_check.into(),
             udp_frag_reassemble: args.udp_frag == UdpFrag::Reassemble,
@@ -323,6 +314,17 @@ impl Config {
             udp_idle_timeout: off_if_zero(args.udp_idle_timeout),
         })
     }
+}
+
+/// A thread-count flag's value: at least 1 and at most `max`.
+fn count(flag: &str, n: usize, max: usize) -> Result<usize, ConfigError> {
+    if n == 0 {
+        return Err(invalid(format!("{flag}: must be at least 1")));
+    }
+    if n > max {
+        return Err(invalid(format!("{flag}: at most {max}, got {n}")));
+    }
+    Ok(n)
 }
 
 #[cfg(test)]
