@@ -1,0 +1,546 @@
+//! The command line: the clap definition of every flag (with its help text)
+//! and its validation into a [`Config`].
+//!
+//! clap handles syntax (unknown flags, `--help`, `--version`, malformed
+//! values) and keeps its usual output and exit codes; the checks clap cannot
+//! express (bounds, cross-field rules) produce [`ConfigError::Invalid`]
+//! naming the flag at fault.
+//!
+//! The flag help doubles as the README's flags table, so it is written for
+//! operators coming from Dante or 3proxy.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+
+use super::duration::{off_if_zero, parse_duration, parse_idle_timeout, parse_positive_duration};
+use super::users::load_users;
+use super::{
+    invalid, Config, ConfigError, ForwardMode, DEFAULT_FORWARD, DEFAULT_LISTEN,
+    DEFAULT_RESOLVER_THREADS, MIN_FRAG_TIMEOUT,
+};
+use crate::proto::udp_assoc::ClientCheck;
+
+/// Far above any core count we run on; catches typos that would otherwise
+/// try to start a million rings.
+const MAX_SHARDS: usize = 1024;
+
+/// getaddrinfo threads are only blocked waiting on DNS; more than this is a
+/// typo, not a tuning choice.
+const MAX_RESOLVER_THREADS: usize = 256;
+
+/// `--udp-client-check` values (mirrors [`ClientCheck`], whose docs give the rules).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum UdpClientCheck {
+    /// The endpoint named in the request if plausible, else the first sender from the peer IP
+    Strict,
+    /// Any port on the control connection's peer IP
+    PeerIp,
+    /// The first sender from the peer IP, whatever the request said
+    First,
+    /// Any source (clients behind a NAT that changes their IP)
+    Off,
+}
+
+impl From<UdpClientCheck> for ClientCheck {
+    fn from(c: UdpClientCheck) -> ClientCheck {
+        match c {
+            UdpClientCheck::Strict => ClientCheck::Strict,
+            UdpClientCheck::PeerIp => ClientCheck::PeerIp,
+            UdpClientCheck::First => ClientCheck::First,
+            UdpClientCheck::Off => ClientCheck::Off,
+        }
+    }
+}
+
+/// `--udp-frag` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum UdpFrag {
+    /// Reassemble fragmented datagrams (RFC 1928 section 7)
+    Reassemble,
+    /// Drop every datagram with FRAG != 0, as the RFC allows
+    Drop,
+}
+
+/// `--log-level` values; clap needs a `ValueEnum`, which `tracing::Level` is not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        })
+    }
+}
+
+impl From<LogLevel> for tracing::Level {
+    fn from(l: LogLevel) -> Self {
+        match l {
+            LogLevel::Error => tracing::Level::ERROR,
+            LogLevel::Warn => tracing::Level::WARN,
+            LogLevel::Info => tracing::Level::INFO,
+            LogLevel::Debug => tracing::Level::DEBUG,
+            LogLevel::Trace => tracing::Level::TRACE,
+        }
+    }
+}
+
+const ABOUT: &str = "High-performance SOCKS5 relay on thread-per-core io_uring shards";
+
+const LONG_ABOUT: &str = "\
+High-performance SOCKS5 relay (RFC 1928) on thread-per-core io_uring shards.
+
+Each shard is one thread with its own io_uring; a connection is served
+start to finish by the shard that accepted it.
+
+Without --user or --users, clients are not authenticated: anyone who can
+reach a --listen address can use the relay. With them, clients must log
+in with RFC 1929 username/password.
+
+Durations are written 500ms, 10s, 2m or 1h; a bare number means seconds
+(3, 0.5).";
+
+// Help paragraphs are wrapped by hand (`verbatim_doc_comment`): clap only
+// wraps with its `wrap_help` feature, which we do not enable.
+#[derive(Parser, Debug)]
+#[command(name = "ringsocks", version, about = ABOUT, long_about = LONG_ABOUT)]
+struct Args {
+    /// Address to accept SOCKS5 clients on; repeat for several
+    ///
+    /// IPv4, or IPv6 in brackets, with a port: 0.0.0.0:1080, [::]:1080,
+    /// [::1]:1080. Like Dante's "internal:" or 3proxy's "socks -i -p".
+    /// Anything but loopback without --user/--users is an open proxy.
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_LISTEN, verbatim_doc_comment)]
+    listen: Vec<SocketAddr>,
+
+    /// Number of shards (event-loop threads) [default: number of online CPUs]
+    #[arg(long, value_name = "N")]
+    shards: Option<usize>,
+
+    /// How payload is moved between client and target
+    #[arg(long, value_name = "MODE", default_value_t = DEFAULT_FORWARD)]
+    forward: ForwardMode,
+
+    /// Allow user NAME with password PASS (RFC 1929); repeat for several
+    ///
+    /// Split at the first ':', so passwords may contain ':'. Names and
+    /// passwords are 1 to 255 bytes. The command line is visible to other
+    /// local users (ps, /proc), so prefer --users outside of testing.
+    /// Combines with --users; a name may only be defined once.
+    #[arg(long = "user", value_name = "NAME:PASS", verbatim_doc_comment)]
+    user: Vec<String>,
+
+    /// Read users from FILE: one NAME:PASS per line
+    ///
+    /// Blank lines and lines starting with '#' are skipped; other lines
+    /// are taken verbatim (no trimming). The file must not be accessible
+    /// by group or others (chmod 600), and a name may only be defined
+    /// once. Plays the role of 3proxy's "users" list or Dante's
+    /// "socksmethod: username", but with its own password file.
+    #[arg(long = "users", value_name = "FILE", verbatim_doc_comment)]
+    users: Option<PathBuf>,
+
+    /// Give up connecting to a target after DURATION
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_positive_duration)]
+    connect_timeout: Duration,
+
+    /// Drop clients that have not finished the SOCKS5 handshake within DURATION
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_positive_duration)]
+    handshake_timeout: Duration,
+
+    /// Close relayed connections idle in both directions for DURATION
+    ///
+    /// "off" or 0 disables the timeout.
+    #[arg(long, value_name = "DURATION", default_value = "off", value_parser = parse_idle_timeout, verbatim_doc_comment)]
+    idle_timeout: Duration,
+
+    /// On shutdown, let open connections finish for up to DURATION
+    ///
+    /// Connections still open after DURATION are closed; 0 closes them
+    /// immediately.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration, verbatim_doc_comment)]
+    drain_timeout: Duration,
+
+    /// Keep polling the ring for DURATION after the last completion before sleeping
+    ///
+    /// Trades CPU for latency: a shard that never sleeps is never woken
+    /// from idle, which removes most of a small message's round-trip time
+    /// through the relay. Each shard burns up to a whole core while its
+    /// connections are active within DURATION of each other. "off" or 0
+    /// (the default) disables it.
+    #[arg(long, value_name = "DURATION", default_value = "off", value_parser = parse_idle_timeout, verbatim_doc_comment)]
+    busy_poll: Duration,
+
+    /// Log verbosity (to stderr); RUST_LOG, when set, overrides it
+    #[arg(long, value_name = "LEVEL", default_value_t = LogLevel::Info, ignore_case = true)]
+    log_level: LogLevel,
+
+    /// Threads running getaddrinfo for target names, shared by all shards
+    ///
+    /// A lookup occupies a thread for as long as DNS takes, so this bounds
+    /// how many slow lookups can be in flight at once.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_RESOLVER_THREADS, verbatim_doc_comment)]
+    resolver_threads: usize,
+
+    /// UDP ASSOCIATE: give clients IP in BND.ADDR
+    ///
+    /// By default the reply carries the local address of the client's
+    /// control connection, which is reachable by construction. Set this
+    /// behind NAT or in clouds where clients must use another address
+    /// (Dante's "external" address for UDP).
+    #[arg(long, value_name = "IP", verbatim_doc_comment)]
+    udp_advertise: Option<IpAddr>,
+
+    /// UDP ASSOCIATE: which sources count as the client
+    ///
+    /// strict: the DST.ADDR:DST.PORT of the request if it is plausible
+    /// (the control connection's IP, or 0.0.0.0/::, with a port);
+    /// otherwise the first datagram from the control connection's IP
+    /// fixes the endpoint. peer-ip: any port on that IP. first: the first
+    /// sender from that IP. off: anyone. Other datagrams are dropped and
+    /// counted.
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "strict",
+        verbatim_doc_comment
+    )]
+    udp_client_check: UdpClientCheck,
+
+    /// UDP ASSOCIATE: reassemble fragmented datagrams, or drop them
+    #[arg(long, value_name = "MODE", default_value = "reassemble")]
+    udp_frag: UdpFrag,
+
+    /// UDP ASSOCIATE: discard an incomplete fragment sequence after DURATION
+    ///
+    /// At least 5s (RFC 1928 section 7).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration, verbatim_doc_comment)]
+    udp_frag_timeout: Duration,
+
+    /// UDP ASSOCIATE: end an association with no datagram either way for DURATION
+    ///
+    /// Ending it closes the control connection. "off" or 0 disables it.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_idle_timeout, verbatim_doc_comment)]
+    udp_idle_timeout: Duration,
+}
+
+impl Config {
+    /// Parses `std::env::args`.
+    pub fn from_args() -> Result<Config, ConfigError> {
+        Self::try_parse_from(std::env::args_os())
+    }
+
+    /// Parses `args` (the first item is the program name).
+    pub fn try_parse_from<I, T>(args: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let args = Args::try_parse_from(args).map_err(ConfigError::Clap)?;
+        Self::validate(args)
+    }
+
+    fn validate(args: Args) -> Result<Config, ConfigError> {
+        let mut listen: Vec<SocketAddr> = Vec::with_capacity(args.listen.len());
+        for addr in args.listen {
+            // A duplicate either fails to bind much later, far from the
+            // flag that caused it, or (with SO_REUSEPORT) silently doubles
+            // the listeners.
+            if listen.contains(&addr) {
+                return Err(invalid(format!("--listen {addr}: given more than once")));
+            }
+            listen.push(addr);
+        }
+
+        let shards = match args.shards {
+            Some(n) => count("--shards", n, MAX_SHARDS)?,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        let resolver_threads = count(
+            "--resolver-threads",
+            args.resolver_threads,
+            MAX_RESOLVER_THREADS,
+        )?;
+
+        let users = load_users(&args.user, args.users.as_deref())?.map(Arc::new);
+
+        if args.udp_frag_timeout < MIN_FRAG_TIMEOUT {
+            return Err(invalid(format!(
+                "--udp-frag-timeout: at least 5s (RFC 1928 section 7), got {:?}",
+                args.udp_frag_timeout
+            )));
+        }
+        if args
+            .udp_advertise
+            .is_some_and(|ip| ip.is_unspecified() || ip.is_multicast())
+        {
+            return Err(invalid(format!(
+                "--udp-advertise {}: must be an address clients can send to",
+                args.udp_advertise.expect("checked")
+            )));
+        }
+
+        Ok(Config {
+            listen,
+            shards,
+            forward: args.forward,
+            users,
+            connect_timeout: args.connect_timeout,
+            handshake_timeout: args.handshake_timeout,
+            idle_timeout: off_if_zero(args.idle_timeout),
+            drain_timeout: args.drain_timeout,
+            busy_poll: off_if_zero(args.busy_poll),
+            log_level: args.log_level.into(),
+            resolver_threads,
+            udp_advertise: args.udp_advertise,
+            udp_client_check: args.udp_client_check.into(),
+            udp_frag_reassemble: args.udp_frag == UdpFrag::Reassemble,
+            udp_frag_timeout: args.udp_frag_timeout,
+            udp_idle_timeout: off_if_zero(args.udp_idle_timeout),
+        })
+    }
+}
+
+/// A thread-count flag's value: at least 1 and at most `max`.
+fn count(flag: &str, n: usize, max: usize) -> Result<usize, ConfigError> {
+    if n == 0 {
+        return Err(invalid(format!("{flag}: must be at least 1")));
+    }
+    if n > max {
+        return Err(invalid(format!("{flag}: at most {max}, got {n}")));
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::test_support::{parse, parse_err, TempFile};
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:1080".parse().unwrap()]);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(c.shards, cpus);
+        assert_eq!(c.forward, DEFAULT_FORWARD);
+        assert!(c.users.is_none());
+        assert_eq!(c.connect_timeout, Duration::from_secs(10));
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.idle_timeout, None);
+        assert_eq!(c.drain_timeout, Duration::from_secs(10));
+        assert_eq!(c.busy_poll, None);
+        assert_eq!(c.log_level, tracing::Level::INFO);
+        assert_eq!(c.resolver_threads, 4);
+        assert_eq!(c.udp_advertise, None);
+        assert_eq!(c.udp_client_check, ClientCheck::Strict);
+        assert!(c.udp_frag_reassemble);
+        assert_eq!(c.udp_frag_timeout, Duration::from_secs(5));
+        assert_eq!(c.udp_idle_timeout, Some(Duration::from_secs(300)));
+    }
+
+    #[test]
+    fn udp_flags() {
+        let c = parse(&[
+            "--udp-advertise",
+            "203.0.113.7",
+            "--udp-client-check",
+            "peer-ip",
+            "--udp-frag",
+            "drop",
+            "--udp-frag-timeout",
+            "7s",
+            "--udp-idle-timeout",
+            "off",
+        ])
+        .unwrap();
+        assert_eq!(c.udp_advertise, Some("203.0.113.7".parse().unwrap()));
+        assert_eq!(c.udp_client_check, ClientCheck::PeerIp);
+        assert!(!c.udp_frag_reassemble);
+        assert_eq!(c.udp_frag_timeout, Duration::from_secs(7));
+        assert_eq!(c.udp_idle_timeout, None);
+        for (mode, want) in [
+            ("strict", ClientCheck::Strict),
+            ("first", ClientCheck::First),
+            ("off", ClientCheck::Off),
+        ] {
+            let c = parse(&["--udp-client-check", mode]).unwrap();
+            assert_eq!(c.udp_client_check, want);
+        }
+        assert!(parse_err(&["--udp-frag-timeout", "4s"]).contains("--udp-frag-timeout"));
+        assert!(parse_err(&["--udp-advertise", "0.0.0.0"]).contains("--udp-advertise"));
+        assert!(matches!(
+            parse(&["--udp-client-check", "loose"]),
+            Err(ConfigError::Clap(_))
+        ));
+    }
+
+    #[test]
+    fn every_flag() {
+        let file = TempFile::new("carol:c4rol\n", 0o600);
+        let c = parse(&[
+            "--listen",
+            "0.0.0.0:1081",
+            "--listen",
+            "[::1]:1082",
+            "--shards",
+            "3",
+            "--forward",
+            "copy",
+            "--user",
+            "alice:secret:with:colons",
+            "--user=bob:pw",
+            "--users",
+            file.path(),
+            "--connect-timeout",
+            "500ms",
+            "--handshake-timeout",
+            "2m",
+            "--idle-timeout",
+            "0.5",
+            "--drain-timeout",
+            "0",
+            "--log-level",
+            "DEBUG",
+            "--resolver-threads",
+            "8",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.listen,
+            vec![
+                "0.0.0.0:1081".parse::<SocketAddr>().unwrap(),
+                "[::1]:1082".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.shards, 3);
+        assert_eq!(c.forward, ForwardMode::Copy);
+        let users = c.users.unwrap();
+        assert_eq!(users.len(), 3);
+        assert!(users.verify(b"alice", b"secret:with:colons"));
+        assert!(users.verify(b"bob", b"pw"));
+        assert!(users.verify(b"carol", b"c4rol"));
+        assert_eq!(c.connect_timeout, Duration::from_millis(500));
+        assert_eq!(c.handshake_timeout, Duration::from_secs(120));
+        assert_eq!(c.idle_timeout, Some(Duration::from_millis(500)));
+        assert_eq!(c.drain_timeout, Duration::ZERO);
+        assert_eq!(c.log_level, tracing::Level::DEBUG);
+        assert_eq!(c.resolver_threads, 8);
+    }
+
+    #[test]
+    fn forward_and_log_level_values() {
+        assert_eq!(
+            parse(&["--forward", "splice"]).unwrap().forward,
+            ForwardMode::Splice
+        );
+        assert!(matches!(
+            parse(&["--forward", "sendfile"]),
+            Err(ConfigError::Clap(_))
+        ));
+        for (s, l) in [
+            ("error", tracing::Level::ERROR),
+            ("warn", tracing::Level::WARN),
+            ("info", tracing::Level::INFO),
+            ("debug", tracing::Level::DEBUG),
+            ("trace", tracing::Level::TRACE),
+        ] {
+            assert_eq!(parse(&["--log-level", s]).unwrap().log_level, l);
+        }
+        assert!(parse_err(&["--log-level", "verbose"]).contains("--log-level"));
+    }
+
+    #[test]
+    fn listen_errors() {
+        assert!(parse_err(&["--listen", "localhost:1080"]).contains("--listen"));
+        assert!(parse_err(&["--listen", "::1:1080"]).contains("--listen"));
+        assert_eq!(
+            parse_err(&["--listen", "[::1]:1080", "--listen", "[::1]:1080"]),
+            "--listen [::1]:1080: given more than once"
+        );
+    }
+
+    #[test]
+    fn shards_and_resolver_threads_bounds() {
+        assert_eq!(
+            parse_err(&["--shards", "0"]),
+            "--shards: must be at least 1"
+        );
+        assert!(parse_err(&["--shards", "100000"]).starts_with("--shards: at most"));
+        assert!(parse_err(&["--shards=-1"]).contains("--shards"));
+        assert_eq!(
+            parse_err(&["--resolver-threads", "0"]),
+            "--resolver-threads: must be at least 1"
+        );
+        assert!(parse_err(&["--resolver-threads", "5000"]).starts_with("--resolver-threads"));
+    }
+
+    #[test]
+    fn bad_durations_on_the_command_line() {
+        for flag in [
+            "--connect-timeout",
+            "--handshake-timeout",
+            "--idle-timeout",
+            "--drain-timeout",
+        ] {
+            let e = parse(&[flag, "10x"]).unwrap_err();
+            assert!(matches!(e, ConfigError::Clap(_)));
+            let msg = e.to_string();
+            assert!(msg.contains(flag) && msg.contains("unknown unit"), "{msg}");
+        }
+        assert!(parse_err(&["--connect-timeout", "0"]).contains("must be greater than 0"));
+        assert!(parse_err(&["--handshake-timeout", "0ms"]).contains("must be greater than 0"));
+    }
+
+    #[test]
+    fn idle_timeout_off() {
+        for off in ["off", "OFF", "0", "0s"] {
+            assert_eq!(parse(&["--idle-timeout", off]).unwrap().idle_timeout, None);
+        }
+        assert_eq!(
+            parse(&["--idle-timeout", "5m"]).unwrap().idle_timeout,
+            Some(Duration::from_secs(300))
+        );
+    }
+
+    #[test]
+    fn clap_errors_pass_through() {
+        for (args, kind) in [
+            (&["--help"][..], clap::error::ErrorKind::DisplayHelp),
+            (&["--version"][..], clap::error::ErrorKind::DisplayVersion),
+            (&["--bogus"][..], clap::error::ErrorKind::UnknownArgument),
+        ] {
+            match parse(args) {
+                Err(ConfigError::Clap(e)) => assert_eq!(e.kind(), kind, "{args:?}"),
+                other => panic!("{args:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn debug_does_not_leak_passwords() {
+        let c = parse(&["--user", "alice:hunter2"]).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}
