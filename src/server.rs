@@ -362,7 +362,9 @@ impl Shard {
             }
             self.env.ring.publish_buffers();
             self.rearm_starved();
-            self.env.ring.arm_wheel(self.env.now, ShardOp::Wheel.owner());
+            self.env
+                .ring
+                .arm_wheel(self.env.now, ShardOp::Wheel.owner());
             if self.stopping
                 && self.conns.live == 0
                 && self.listeners.iter().all(|l| l.sock.is_none())
@@ -480,7 +482,8 @@ impl Shard {
                     );
                 }
                 for id in self.conns.ids() {
-                    self.conns.with(&mut self.env, id, |conn, cx| conn.close(cx));
+                    self.conns
+                        .with(&mut self.env, id, |conn, cx| conn.close(cx));
                 }
             }
             _ => {}
@@ -547,7 +550,8 @@ impl Shard {
         let conn = Conn::new(id, client, peer, local, self.env.now);
         self.conns.slots[id.slot as usize].conn = Some(Box::new(conn));
         self.conns.live += 1;
-        self.conns.with(&mut self.env, id, |conn, cx| conn.start(cx));
+        self.conns
+            .with(&mut self.env, id, |conn, cx| conn.start(cx));
     }
 
     fn begin_stop(&mut self) {

@@ -137,6 +137,12 @@ impl Conn {
             return self.connect_next(cx);
         }
         let (sock, bnd) = cx.io.establish(sock);
+        let Some(bnd) = bnd else {
+            // Fail before the early data goes out: `reject` closes the target, and no op may
+            // be in flight on it then.
+            st.target = Some(sock);
+            return self.fail_connect(cx, RelayError::General("outbound socket has no address"));
+        };
         let prefix = std::mem::take(&mut st.reply_prefix);
         let early = std::mem::take(&mut st.early);
         st.step = Step::Replying {
@@ -148,9 +154,6 @@ impl Conn {
         }
         st.target = Some(sock);
         self.disarm_timer();
-        let Some(bnd) = bnd else {
-            return self.fail_connect(cx, RelayError::General("outbound socket has no address"));
-        };
         self.send_success_reply(cx, prefix, bnd);
     }
 

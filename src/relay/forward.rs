@@ -256,8 +256,7 @@ impl Tunnel {
         if res == -libc::EAGAIN {
             let (_, dst) = self.socks(l.client, d);
             *l.inflight += 1;
-            l.cx
-                .io
+            l.cx.io
                 .poll(dst, libc::POLLOUT as u32, l.owner(Op::PollOut(d)));
             return Next::Go;
         }
@@ -328,12 +327,11 @@ impl Tunnel {
 
     fn on_recv<E: Engine>(&mut self, l: &mut Link<'_, '_, E>, d: Dir, c: Completion) -> Next {
         let auto = l.cx.cfg.forward == ForwardMode::Auto;
-        let buf_size = l
-            .cx
-            .shard
-            .copy_group
-            .and_then(|g| l.cx.io.buf_pool(g))
-            .map_or(0, |(size, _)| size);
+        let buf_size =
+            l.cx.shard
+                .copy_group
+                .and_then(|g| l.cx.io.buf_pool(g))
+                .map_or(0, |(size, _)| size);
         let Flow::Copy(f) = &mut self.flows[d.index()] else {
             return Next::Go;
         };
@@ -346,7 +344,11 @@ impl Tunnel {
             };
             let len = c.res as u32;
             f.queue.push_back((buf, len));
-            f.full_streak = if len == buf_size { f.full_streak + 1 } else { 0 };
+            f.full_streak = if len == buf_size {
+                f.full_streak + 1
+            } else {
+                0
+            };
             if !f.sending {
                 self.send_next(l, d);
             }
@@ -422,7 +424,8 @@ impl Tunnel {
         if off < end {
             let (_, dst) = self.socks(l.client, d);
             *l.inflight += 1;
-            l.cx.io.send_buf(dst, buf, off, end, l.id.owner(Op::Send(d)));
+            l.cx.io
+                .send_buf(dst, buf, off, end, l.id.owner(Op::Send(d)));
             return Next::Go;
         }
         // The buffer is out: dropping its handle gives it back to the kernel.

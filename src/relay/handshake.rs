@@ -78,7 +78,12 @@ impl Conn {
                     self.connect(cx, next);
                 } else {
                     let cmd = next.req.cmd.0;
-                    self.fail(cx, next.reply_prefix, &next.req.dst, RelayError::CommandNotSupported(cmd));
+                    self.fail(
+                        cx,
+                        next.reply_prefix,
+                        &next.req.dst,
+                        RelayError::CommandNotSupported(cmd),
+                    );
                 }
             }
             Step::Reject(err) => {

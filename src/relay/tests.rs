@@ -290,10 +290,6 @@ impl H {
         self.find(f).is_some()
     }
 
-    fn kind(&self, id: OpId) -> Kind {
-        self.fake.op(id).kind.clone()
-    }
-
     fn cancelled(&self, id: OpId) -> bool {
         self.fake.op(id).cancelled
     }
@@ -348,8 +344,16 @@ impl H {
     }
 
     fn assert_buffers_back(&self) {
-        assert_eq!(self.fake.available(self.copy), self.copy_bufs, "copy buffers");
-        assert_eq!(self.fake.available(self.udp), u32::from(UDP_BUFS), "udp buffers");
+        assert_eq!(
+            self.fake.available(self.copy),
+            self.copy_bufs,
+            "copy buffers"
+        );
+        assert_eq!(
+            self.fake.available(self.udp),
+            u32::from(UDP_BUFS),
+            "udp buffers"
+        );
     }
 
     /// Greeting and CONNECT to TARGET pipelined, the connect succeeds and the reply is out:
@@ -381,7 +385,7 @@ impl H {
         assert!(!self.finished(), "the shutdown is still in flight");
         self.complete(fin, 0);
         assert!(self.finished());
-        assert_eq!(self.fake.closed, [c]);
+        assert_eq!(self.fake.closed.last(), Some(&c));
     }
 
     fn stage_stats(&self) -> Stats {
@@ -398,7 +402,11 @@ impl H {
         self.feed(&[&GREETING[..], &req].concat());
         let (csock, caddr) = self.fake.udp_sockets[0];
         let (tsock, taddr) = self.fake.udp_sockets[1];
-        assert_eq!(caddr.ip(), sa(LOCAL).ip(), "bound to the control connection's IP");
+        assert_eq!(
+            caddr.ip(),
+            sa(LOCAL).ip(),
+            "bound to the control connection's IP"
+        );
         assert!(taddr.is_ipv6(), "dual-stack target socket");
         let expected = [vec![5, 0], reply(Rep::SUCCEEDED, caddr)].concat();
         assert_eq!(self.take_sent(self.client), expected);
@@ -571,8 +579,14 @@ fn connect_falls_back_to_the_next_address_when_refused() {
     let c = h.client;
     h.feed(&[&GREETING[..], &connect_name("multi.example", 443)].concat());
     assert_eq!(h.dns.lookups.len(), 1);
-    assert_eq!((h.dns.lookups[0].0.as_str(), h.dns.lookups[0].1), ("multi.example", 443));
-    assert!(!h.has(|k| matches!(k, Kind::Connect { .. })), "waits for the lookup");
+    assert_eq!(
+        (h.dns.lookups[0].0.as_str(), h.dns.lookups[0].1),
+        ("multi.example", 443)
+    );
+    assert!(
+        !h.has(|k| matches!(k, Kind::Connect { .. })),
+        "waits for the lookup"
+    );
     let ips = vec![sa("192.0.2.1:0").ip(), sa("192.0.2.2:0").ip()];
     h.answer(0, Ok(ips));
     let (op, first, addr) = h.connecting();
@@ -625,10 +639,26 @@ fn connect_timeout_cancels_then_replies_rep_04() {
     let (op, target, _) = h.connecting();
     h.advance(Duration::from_secs(2));
     assert!(h.cancelled(op), "the connect is cancelled");
-    assert!(h.sent(c).is_none(), "the reply waits for the cancelled connect");
+    assert!(
+        h.sent(c).is_none(),
+        "the reply waits for the cancelled connect"
+    );
     h.complete_cancelled();
     assert_eq!(h.fake.closed, [target]);
     h.finish_reject(&[vec![5, 0], error_reply(0x04)].concat());
+    assert_eq!(h.fake.closed, [target, h.client]);
+}
+
+#[test]
+fn a_target_without_a_local_address_fails_before_any_early_data_is_sent() {
+    let mut h = H::new(&[]);
+    h.fake.established_addr = None;
+    h.feed(&[&GREETING[..], &connect_ip(TARGET), b"GET /"].concat());
+    let (op, t, _) = h.connecting();
+    h.complete(op, 0);
+    assert!(h.sent(t).is_none(), "no send on a socket about to close");
+    assert_eq!(h.fake.closed, [t]);
+    h.finish_reject(&[vec![5, 0], error_reply(0x01)].concat());
 }
 
 #[test]
@@ -648,7 +678,10 @@ fn a_late_dns_answer_after_the_timeout_is_ignored() {
     h.advance(Duration::from_secs(2));
     assert_eq!(h.take_sent(c), [vec![5, 0], error_reply(0x04)].concat());
     h.answer(0, Ok(vec![sa("192.0.2.1:0").ip()]));
-    assert!(!h.has(|k| matches!(k, Kind::Connect { .. })), "no connect after the reply");
+    assert!(
+        !h.has(|k| matches!(k, Kind::Connect { .. })),
+        "no connect after the reply"
+    );
     let fin = h.shutdown_of(c).unwrap();
     h.feed(&[]);
     h.complete(fin, 0);
@@ -667,8 +700,14 @@ fn early_data_goes_to_the_target_before_forwarding_starts() {
     h.complete(op, 0);
     let (early, bytes) = h.sent(t).expect("early data");
     assert_eq!(bytes, b"GET / HTTP/1.0\r\n");
-    assert_eq!(h.take_sent(c), [vec![5, 0], reply(Rep::SUCCEEDED, sa(BND))].concat());
-    assert!(h.recv_multi(c).is_none(), "forwarding waits for the early data");
+    assert_eq!(
+        h.take_sent(c),
+        [vec![5, 0], reply(Rep::SUCCEEDED, sa(BND))].concat()
+    );
+    assert!(
+        h.recv_multi(c).is_none(),
+        "forwarding waits for the early data"
+    );
     // A short send continues where it stopped.
     h.complete(early, 4);
     assert_eq!(h.take_sent(t), b"/ HTTP/1.0\r\n");
@@ -757,17 +796,29 @@ fn auto_mode_moves_a_bulk_direction_to_splice_with_bytes_in_order() {
         assert!(!h.cancelled(up), "after {i} full buffers");
         h.deliver(up, chunk);
     }
-    assert!(h.cancelled(up), "BULK_STREAK full buffers: receive cancelled");
+    assert!(
+        h.cancelled(up),
+        "BULK_STREAK full buffers: receive cancelled"
+    );
     h.complete(up, -libc::ECANCELED);
     assert!(!h.has(|k| matches!(k, Kind::Poll { .. })), "queue first");
     assert_eq!(h.drain_sent(t), chunks.concat());
     h.assert_buffers_back();
-    let poll = h.op(|k| *k == Kind::Poll { sock: c, events: POLLIN });
+    let poll = h.op(|k| {
+        *k == Kind::Poll {
+            sock: c,
+            events: POLLIN,
+        }
+    });
     assert!(h.recv_multi(c).is_none());
-    assert!(h.recv_multi(t).is_some(), "the other direction stays on copy");
+    assert!(
+        h.recv_multi(t).is_some(),
+        "the other direction stays on copy"
+    );
     h.complete(poll, libc::POLLIN as i32);
     let pipe = End::Pipe(1);
-    let splice_in = h.op(|k| matches!(k, Kind::Splice { from, to, .. } if *from == End::Sock(c) && *to == pipe));
+    let splice_in = h
+        .op(|k| matches!(k, Kind::Splice { from, to, .. } if *from == End::Sock(c) && *to == pipe));
     h.complete(splice_in, 700);
     let out = Kind::Splice {
         from: pipe,
@@ -844,9 +895,16 @@ fn auto_mode_enobufs_moves_to_splice() {
         h.deliver(up, &[i; 10]);
     }
     h.deliver(up, b"no room");
-    assert!(h.shard.starved.is_empty(), "auto mode does not wait for buffers");
+    assert!(
+        h.shard.starved.is_empty(),
+        "auto mode does not wait for buffers"
+    );
     assert_eq!(h.drain_sent(t).len(), 80);
-    assert!(h.has(|k| *k == Kind::Poll { sock: c, events: POLLIN }));
+    assert!(h.has(|k| *k
+        == Kind::Poll {
+            sock: c,
+            events: POLLIN
+        }));
     h.assert_buffers_back();
 }
 
@@ -891,8 +949,17 @@ fn splice_tunnel() -> (H, u32, OpId) {
     let t = h.open_tunnel();
     let c = h.client;
     assert!(h.recv_multi(c).is_none(), "no copy path");
-    let poll = h.op(|k| *k == Kind::Poll { sock: c, events: POLLIN });
-    assert!(h.has(|k| *k == Kind::Poll { sock: t, events: POLLIN }));
+    let poll = h.op(|k| {
+        *k == Kind::Poll {
+            sock: c,
+            events: POLLIN,
+        }
+    });
+    assert!(h.has(|k| *k
+        == Kind::Poll {
+            sock: t,
+            events: POLLIN
+        }));
     assert_eq!(h.fake.pipes_out, 0, "no pipe while waiting");
     h.complete(poll, libc::POLLIN as i32);
     assert_eq!(h.fake.pipes_out, 1);
@@ -922,8 +989,16 @@ fn splice_path_moves_bytes_and_a_short_splice_out_continues() {
     h.complete(out, 600);
     let out = splice_out(&h, t, 400);
     h.complete(out, 400);
-    assert_eq!((h.fake.pipes_out, h.fake.pipes_returned), (0, 1), "pipe back");
-    assert!(h.has(|k| *k == Kind::Poll { sock: h.client, events: POLLIN }));
+    assert_eq!(
+        (h.fake.pipes_out, h.fake.pipes_returned),
+        (0, 1),
+        "pipe back"
+    );
+    assert!(h.has(|k| *k
+        == Kind::Poll {
+            sock: h.client,
+            events: POLLIN
+        }));
 }
 
 #[test]
@@ -931,7 +1006,11 @@ fn splice_in_eagain_returns_the_pipe_and_polls_again() {
     let (mut h, _, splice_in) = splice_tunnel();
     h.complete(splice_in, -libc::EAGAIN);
     assert_eq!((h.fake.pipes_out, h.fake.pipes_returned), (0, 1));
-    assert!(h.has(|k| *k == Kind::Poll { sock: h.client, events: POLLIN }));
+    assert!(h.has(|k| *k
+        == Kind::Poll {
+            sock: h.client,
+            events: POLLIN
+        }));
 }
 
 #[test]
@@ -957,7 +1036,11 @@ fn a_full_pipe_is_refilled_without_polling() {
     let out = splice_out(&h, t, cap);
     h.complete(out, cap as i32);
     let c = h.client;
-    assert!(!h.has(|k| *k == Kind::Poll { sock: c, events: POLLIN }));
+    assert!(!h.has(|k| *k
+        == Kind::Poll {
+            sock: c,
+            events: POLLIN
+        }));
     let want = Kind::Splice {
         from: End::Sock(c),
         to: End::Pipe(1),
@@ -974,7 +1057,12 @@ fn splice_eof_returns_the_pipe_and_shuts_down_the_other_side() {
     assert_eq!((h.fake.pipes_out, h.fake.pipes_returned), (0, 1));
     let fin = h.shutdown_of(t).expect("FIN to the target");
     h.complete(fin, 0);
-    let down = h.op(|k| *k == Kind::Poll { sock: t, events: POLLIN });
+    let down = h.op(|k| {
+        *k == Kind::Poll {
+            sock: t,
+            events: POLLIN,
+        }
+    });
     h.complete(down, libc::POLLIN as i32);
     let want = Kind::Splice {
         from: End::Sock(t),
@@ -991,16 +1079,28 @@ fn splice_eof_returns_the_pipe_and_shuts_down_the_other_side() {
 #[test]
 fn close_with_ops_in_flight_finishes_after_the_cancelled_completions() {
     let (mut h, t, splice_in) = splice_tunnel();
-    let down = h.op(|k| *k == Kind::Poll { sock: t, events: POLLIN });
+    let down = h.op(|k| {
+        *k == Kind::Poll {
+            sock: t,
+            events: POLLIN,
+        }
+    });
     h.close();
     assert!(h.cancelled(splice_in) && h.cancelled(down));
-    assert!(h.fake.closed.is_empty(), "nothing freed while ops are in flight");
+    assert!(
+        h.fake.closed.is_empty(),
+        "nothing freed while ops are in flight"
+    );
     h.complete(down, -libc::ECANCELED);
     assert!(!h.finished());
     h.complete(splice_in, -libc::ECANCELED);
     assert!(h.finished());
     assert_eq!(h.fake.closed, [h.client, t]);
-    assert_eq!((h.fake.pipes_out, h.fake.pipes_returned), (0, 1), "empty pipe back");
+    assert_eq!(
+        (h.fake.pipes_out, h.fake.pipes_returned),
+        (0, 1),
+        "empty pipe back"
+    );
 }
 
 #[test]
@@ -1024,11 +1124,17 @@ fn a_pipe_emptied_after_close_is_returned_and_one_with_bytes_is_not() {
 fn udp_associate_replies_with_the_client_socket_address() {
     let mut h = H::new(&[]);
     let (csock, tsock) = h.associate();
-    assert_eq!(h.fake.udp_sockets[0].1, SocketAddr::new(sa(LOCAL).ip(), 50000 + csock as u16));
+    assert_eq!(
+        h.fake.udp_sockets[0].1,
+        SocketAddr::new(sa(LOCAL).ip(), 50000 + csock as u16)
+    );
     h.udp_recv(csock);
     h.udp_recv(tsock);
     let c = h.client;
-    assert!(h.has(|k| *k == Kind::Recv { sock: c }), "watching the control connection");
+    assert!(
+        h.has(|k| *k == Kind::Recv { sock: c }),
+        "watching the control connection"
+    );
 }
 
 #[test]
@@ -1039,8 +1145,15 @@ fn udp_datagram_to_an_ip_leaves_the_target_socket_without_its_header() {
     let dst = sa("192.0.2.7:53");
     h.datagram(recv, UCLIENT, &datagram(Addr::Ip(dst), b"query"), 0);
     let (send, bytes, dest, gso) = h.udp_sent(tsock).expect("sent on");
-    assert_eq!((bytes.as_slice(), dest, gso), (&b"query"[..], to_dual_stack(dst), 0));
-    assert_eq!(h.fake.available(h.udp), u32::from(UDP_BUFS) - 1, "held by the send");
+    assert_eq!(
+        (bytes.as_slice(), dest, gso),
+        (&b"query"[..], to_dual_stack(dst), 0)
+    );
+    assert_eq!(
+        h.fake.available(h.udp),
+        u32::from(UDP_BUFS) - 1,
+        "held by the send"
+    );
     h.complete(send, 5);
     assert_eq!(h.stage_stats().relayed_out, 1);
     h.assert_buffers_back();
@@ -1095,7 +1208,10 @@ fn udp_gro_burst_from_the_client_leaves_as_one_gso_send() {
     let recv = h.udp_recv(csock);
     h.datagram(recv, UCLIENT, &burst, 110);
     let (send, bytes, dest, gso) = h.udp_sent(tsock).expect("one send");
-    assert_eq!((bytes, dest, gso), (payloads.concat(), to_dual_stack(dst), 100));
+    assert_eq!(
+        (bytes, dest, gso),
+        (payloads.concat(), to_dual_stack(dst), 100)
+    );
     h.complete(send, 300);
     assert!(h.udp_sent(tsock).is_none(), "exactly one send");
     assert_eq!(h.stage_stats().relayed_out, 3);
@@ -1112,7 +1228,12 @@ fn udp_datagrams_to_names_wait_for_their_own_lookups() {
     h.datagram(recv, UCLIENT, &datagram(name("b.example"), b"qb"), 0);
     h.datagram(recv, UCLIENT, &datagram(name("a.example"), b"qa2"), 0);
     assert_eq!(h.dns.lookups.len(), 2, "one lookup per name");
-    let ids: Vec<_> = h.dns.lookups.iter().map(|l| token::decode(l.2).unwrap().1).collect();
+    let ids: Vec<_> = h
+        .dns
+        .lookups
+        .iter()
+        .map(|l| token::decode(l.2).unwrap().1)
+        .collect();
     assert_ne!(ids[0], ids[1]);
     assert!(h.fake.ops().all(|o| !matches!(o.kind, Kind::SendTo { .. })));
     h.assert_buffers_back();
@@ -1157,7 +1278,12 @@ fn udp_idle_timeout_ends_the_association_unless_the_client_is_active() {
     let (csock, tsock) = h.associate();
     h.advance(Duration::from_secs(50));
     let recv = h.udp_recv(csock);
-    h.datagram(recv, UCLIENT, &datagram(Addr::Ip(sa("192.0.2.7:53")), b"q"), 0);
+    h.datagram(
+        recv,
+        UCLIENT,
+        &datagram(Addr::Ip(sa("192.0.2.7:53")), b"q"),
+        0,
+    );
     let (send, ..) = h.udp_sent(tsock).unwrap();
     h.complete(send, 1);
     h.advance(Duration::from_secs(59));
@@ -1180,7 +1306,9 @@ fn udp_enobufs_goes_to_udp_starved_and_rearm_restarts_it() {
     }
     h.datagram(recv, UCLIENT, &dg, 0);
     assert_eq!(h.shard.udp_starved, [(ID, Side::Client)]);
-    assert!(h.find(|k| *k == Kind::RecvMsgMulti { sock: csock }).is_none());
+    assert!(h
+        .find(|k| *k == Kind::RecvMsgMulti { sock: csock })
+        .is_none());
     let (send, ..) = h.udp_sent(tsock).unwrap();
     h.complete(send, 1);
     h.rearm_starved();

@@ -21,18 +21,51 @@ use super::{Completion, Data, Engine, OpId, Owner, SpliceEnd};
 /// What an op was asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Kind {
-    Recv { sock: u32 },
-    Send { sock: u32, bytes: Vec<u8> },
-    RecvMulti { sock: u32 },
-    RecvMsgMulti { sock: u32 },
-    SendBuf { sock: u32, bytes: Vec<u8> },
-    SendBufTo { sock: u32, bytes: Vec<u8>, dest: SocketAddr, gso: u16 },
-    SendTo { sock: u32, bytes: Vec<u8>, dest: SocketAddr },
-    Poll { sock: u32, events: u32 },
+    Recv {
+        sock: u32,
+    },
+    Send {
+        sock: u32,
+        bytes: Vec<u8>,
+    },
+    RecvMulti {
+        sock: u32,
+    },
+    RecvMsgMulti {
+        sock: u32,
+    },
+    SendBuf {
+        sock: u32,
+        bytes: Vec<u8>,
+    },
+    SendBufTo {
+        sock: u32,
+        bytes: Vec<u8>,
+        dest: SocketAddr,
+        gso: u16,
+    },
+    SendTo {
+        sock: u32,
+        bytes: Vec<u8>,
+        dest: SocketAddr,
+    },
+    Poll {
+        sock: u32,
+        events: u32,
+    },
     /// A splice; `None` on a side means the pipe.
-    Splice { from: End, to: End, len: u32 },
-    Shutdown { sock: u32 },
-    Connect { sock: u32, addr: SocketAddr },
+    Splice {
+        from: End,
+        to: End,
+        len: u32,
+    },
+    Shutdown {
+        sock: u32,
+    },
+    Connect {
+        sock: u32,
+        addr: SocketAddr,
+    },
 }
 
 /// One side of a recorded splice.
@@ -45,9 +78,22 @@ pub(crate) enum End {
 /// The memory an op keeps until its final completion.
 enum Held {
     None,
-    Buf { buf: Vec<u8>, off: usize },
-    Pbuf { buf: PBuf, off: u32, end: u32 },
-    PbufMsg { buf: PBuf, off: u32, end: u32, gso: u16, dest: SocketAddr },
+    Buf {
+        buf: Vec<u8>,
+        off: usize,
+    },
+    Pbuf {
+        buf: PBuf,
+        off: u32,
+        end: u32,
+    },
+    PbufMsg {
+        buf: PBuf,
+        off: u32,
+        end: u32,
+        gso: u16,
+        dest: SocketAddr,
+    },
     Datagram(Vec<u8>),
 }
 
@@ -83,6 +129,9 @@ pub(crate) struct Fake {
     pub udp_sockets: Vec<(u32, SocketAddr)>,
     /// A UDP socket bind that fails (no IPv6, say).
     pub refuse_udp: Vec<SocketAddr>,
+    /// The local address `establish` reports for a connected socket (None: getsockname
+    /// failed).
+    pub established_addr: Option<SocketAddr>,
 }
 
 impl Fake {
@@ -101,14 +150,16 @@ impl Fake {
             refuse_socket: Vec::new(),
             udp_sockets: Vec::new(),
             refuse_udp: Vec::new(),
+            established_addr: Some(SocketAddr::from(([127, 0, 0, 1], 40000))),
         }
     }
 
     /// Adds a buffer group like the ring's.
     pub(crate) fn add_buf_group(&mut self, entries: u16, buf_size: u32) -> Group {
         let g = Group(self.pools.len() as u16);
-        self.pools
-            .push(Rc::new(BufPool::detached(g, entries, buf_size).expect("pool")));
+        self.pools.push(Rc::new(
+            BufPool::detached(g, entries, buf_size).expect("pool"),
+        ));
         g
     }
 
@@ -169,7 +220,19 @@ impl Fake {
                 Data::Buf { buf, off }
             }
             Held::Pbuf { buf, off, end } => Data::Pbuf { buf, off, end },
-            Held::PbufMsg { buf, off, end, gso, dest } => Data::PbufMsg { buf, off, end, gso, dest },
+            Held::PbufMsg {
+                buf,
+                off,
+                end,
+                gso,
+                dest,
+            } => Data::PbufMsg {
+                buf,
+                off,
+                end,
+                gso,
+                dest,
+            },
             Held::Datagram(b) => Data::Datagram(b),
         };
         Completion {
@@ -224,7 +287,12 @@ impl Fake {
 
     /// Completes every cancelled op with `-ECANCELED`.
     pub(crate) fn complete_cancelled(&mut self) -> Vec<Completion> {
-        let ids: Vec<OpId> = self.ops.values().filter(|o| o.cancelled).map(|o| o.id).collect();
+        let ids: Vec<OpId> = self
+            .ops
+            .values()
+            .filter(|o| o.cancelled)
+            .map(|o| o.id)
+            .collect();
         ids.into_iter()
             .map(|id| self.complete(id, -libc::ECANCELED, &[]))
             .collect()
@@ -256,7 +324,14 @@ fn range_of(buf: &PBuf, off: u32, end: u32) -> Vec<u8> {
 impl Engine for Fake {
     fn recv(&mut self, sock: &Sock, buf: Vec<u8>, owner: Owner) -> OpId {
         let off = buf.len();
-        self.record(owner, Kind::Recv { sock: sock_id(sock) }, Held::Buf { buf, off }, None)
+        self.record(
+            owner,
+            Kind::Recv {
+                sock: sock_id(sock),
+            },
+            Held::Buf { buf, off },
+            None,
+        )
     }
 
     fn send(&mut self, sock: &Sock, buf: Vec<u8>, off: usize, owner: Owner) -> OpId {
@@ -268,11 +343,20 @@ impl Engine for Fake {
     }
 
     fn recv_multi(&mut self, sock: &Sock, group: Group, owner: Owner) -> OpId {
-        self.record(owner, Kind::RecvMulti { sock: sock_id(sock) }, Held::None, Some(group))
+        self.record(
+            owner,
+            Kind::RecvMulti {
+                sock: sock_id(sock),
+            },
+            Held::None,
+            Some(group),
+        )
     }
 
     fn recvmsg_multi(&mut self, sock: &Sock, group: Group, owner: Owner) -> OpId {
-        let kind = Kind::RecvMsgMulti { sock: sock_id(sock) };
+        let kind = Kind::RecvMsgMulti {
+            sock: sock_id(sock),
+        };
         self.record(owner, kind, Held::None, Some(group))
     }
 
@@ -300,7 +384,13 @@ impl Engine for Fake {
             dest,
             gso,
         };
-        let held = Held::PbufMsg { buf, off, end, gso, dest };
+        let held = Held::PbufMsg {
+            buf,
+            off,
+            end,
+            gso,
+            dest,
+        };
         self.record(owner, kind, held, None)
     }
 
@@ -331,7 +421,14 @@ impl Engine for Fake {
     }
 
     fn shutdown_write(&mut self, sock: &Sock, owner: Owner) -> OpId {
-        self.record(owner, Kind::Shutdown { sock: sock_id(sock) }, Held::None, None)
+        self.record(
+            owner,
+            Kind::Shutdown {
+                sock: sock_id(sock),
+            },
+            Held::None,
+            None,
+        )
     }
 
     fn cancel(&mut self, op: OpId) {
@@ -374,7 +471,7 @@ impl Engine for Fake {
     }
 
     fn establish(&mut self, sock: Sock) -> (Sock, Option<SocketAddr>) {
-        (sock, Some(SocketAddr::from(([127, 0, 0, 1], 40000))))
+        (sock, self.established_addr)
     }
 
     fn udp_socket(&mut self, bind: SocketAddr) -> io::Result<(Sock, SocketAddr)> {

@@ -18,7 +18,10 @@ pub(crate) struct Pipe {
 
 #[derive(Debug)]
 pub(super) enum PipeEnds {
-    Os { r: OwnedFd, w: OwnedFd },
+    Os {
+        r: OwnedFd,
+        w: OwnedFd,
+    },
     /// A pipe of the recording fake engine.
     #[cfg(test)]
     Fake(u32),
@@ -94,7 +97,11 @@ impl PipePool {
         // and the pipe keeps its default size: ask what it has.
         // SAFETY: fcntl on an fd we own; F_SETPIPE_SZ and F_GETPIPE_SZ take an int or nothing.
         let capacity = unsafe {
-            libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, self.pipe_size as libc::c_int);
+            libc::fcntl(
+                w.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                self.pipe_size as libc::c_int,
+            );
             libc::fcntl(w.as_raw_fd(), libc::F_GETPIPE_SZ)
         };
         Ok(Pipe {

@@ -51,16 +51,16 @@ impl RecvMsg {
         // One cmsghdr (len: usize, level: i32, type: i32) and its int, if the kernel wrote it.
         let c = CONTROL_OFF as usize;
         let word_at = |i: usize| word(c + i) as i32;
-        let gso =
-            if controllen >= 20 && word_at(8) == libc::SOL_UDP && word_at(12) == libc::UDP_GRO {
-                // A segment size covering the whole payload means one datagram.
-                match word_at(16) {
-                    g if g > 0 && (g as u32) < end - PAYLOAD_OFF => g as u32,
-                    _ => 0,
-                }
-            } else {
-                0
-            };
+        let gso = if controllen >= 20 && word_at(8) == libc::SOL_UDP && word_at(12) == libc::UDP_GRO
+        {
+            // A segment size covering the whole payload means one datagram.
+            match word_at(16) {
+                g if g > 0 && (g as u32) < end - PAYLOAD_OFF => g as u32,
+                _ => 0,
+            }
+        } else {
+            0
+        };
         RecvMsg {
             src: read_sockaddr(name),
             end,

@@ -546,8 +546,7 @@ impl Engine for Ring {
     }
 
     fn recv_multi(&mut self, sock: &Sock, group: Group, owner: Owner) -> OpId {
-        let sqe =
-            on_target!(sock.target(), f => opcode::RecvMulti::new(f, group.bgid()).build());
+        let sqe = on_target!(sock.target(), f => opcode::RecvMulti::new(f, group.bgid()).build());
         let ud = self.alloc(Waiter::Owner(owner), OpMem::None, Some(group));
         // SAFETY: the SQE points at no memory of ours but the group's buffers, which stay
         // registered and allocated while any op runs (the ring drains its ops before it
@@ -679,8 +678,7 @@ impl Engine for Ring {
     }
 
     fn shutdown_write(&mut self, sock: &Sock, owner: Owner) -> OpId {
-        let sqe =
-            on_target!(sock.target(), f => opcode::Shutdown::new(f, libc::SHUT_WR).build());
+        let sqe = on_target!(sock.target(), f => opcode::Shutdown::new(f, libc::SHUT_WR).build());
         self.push_plain(sqe, Waiter::Owner(owner))
     }
 

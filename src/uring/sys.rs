@@ -20,7 +20,9 @@ pub fn raise_nofile() -> io::Result<u64> {
 
 /// The current soft RLIMIT_NOFILE.
 pub(crate) fn nofile_soft() -> u64 {
-    rlimit::Resource::NOFILE.get().map_or(1024, |(soft, _)| soft)
+    rlimit::Resource::NOFILE
+        .get()
+        .map_or(1024, |(soft, _)| soft)
 }
 
 /// Socket buffer sizes asked for UDP sockets (the kernel caps them at net.core.[rw]mem_max).
@@ -31,11 +33,7 @@ const UDP_SOCK_BUF: usize = 4 << 20;
 /// and the socket buffers are large, for bursts.
 pub(crate) fn udp_socket(bind: std::net::SocketAddr) -> io::Result<socket2::Socket> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(
-        Domain::for_address(bind),
-        Type::DGRAM,
-        Some(Protocol::UDP),
-    )?;
+    let s = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
     if bind.is_ipv6() {
         s.set_only_v6(!bind.ip().is_unspecified())?;
     }
