@@ -225,7 +225,7 @@ fn resolve(name: &str, port: u16) -> Result<Vec<SocketAddr>, ResolveError> {
 
 /// std reports getaddrinfo failures only as text ("failed to lookup address
 /// information: " + gai_strerror), without the EAI_* code, and calling
-/// getaddrinfo ourselves would need `unsafe`. So the definite "no such name"
+/// getaddrinfo ourselves would need raw FFI. So the definite "no such name"
 /// answers are recognised by their glibc and musl messages; everything else
 /// (EAI_AGAIN, EAI_FAIL, EAI_SYSTEM, ...) counts as `Failed`, which only makes
 /// the SOCKS reply code less specific if a libc words things differently.

@@ -6,8 +6,7 @@
 //! connection its owner token names (or to the shard's own ops: accepts, wake-ups, the timer
 //! wheel), fire due timers, publish returned buffers, and re-arm receives that were starved of
 //! them. The server owns the connection slab, accept back-off and stop/drain; the relay owns
-//! what a connection does; the engine (`crate::uring`) owns the ring. No `unsafe` here.
-#![forbid(unsafe_code)]
+//! what a connection does; the engine (`crate::uring`) owns the ring.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};

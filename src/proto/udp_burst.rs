@@ -14,7 +14,7 @@
 //!   that room and header + payload segments go out as runs.
 //!
 //! This is offset arithmetic over attacker-controlled bytes and lengths, so it
-//! lives here as pure functions (no sockets, no `unsafe`) that the relay calls
+//! lives here as pure functions (no sockets, no raw memory) that the relay calls
 //! and that unit, property and fuzz tests drive directly. Every input is
 //! accepted without panicking: impossible offsets are refused, not trusted.
 

@@ -1,7 +1,7 @@
 //! Per-connection relay logic: everything between an accepted client socket and its end,
 //! driven by the completions the server hands it. It talks to the kernel only through the
 //! [`Engine`] trait, so the same code runs on the io_uring ring and, in unit tests, on a
-//! recording fake with virtual time. No `unsafe`, no sockets opened here.
+//! recording fake with virtual time. No sockets are opened here.
 //!
 //! - [`conn`]: a connection's lifecycle: its stages, op accounting, timers, close and release;
 //! - [`handshake`]: greeting, authentication and request, fed to the sans-IO
@@ -10,7 +10,6 @@
 //! - [`forward`]: a tunnel's two directions, on the splice path or the copy path;
 //! - [`udp`]: UDP ASSOCIATE: the control connection and the association's datagram paths;
 //! - [`token`]: owner tokens (connection id + op) packed into the engine's words.
-#![forbid(unsafe_code)]
 
 pub(crate) mod conn;
 mod connect;

@@ -17,6 +17,8 @@
 //! The relay drives connections through the [`Engine`] trait, so its logic runs unchanged on
 //! the ring and on the fake.
 
+#![allow(unsafe_code)]
+
 pub(crate) mod bufring;
 #[cfg(test)]
 pub(crate) mod fake;
