@@ -17,6 +17,7 @@ mod check;
 mod common;
 mod compare;
 mod cps;
+mod cpu;
 mod epoll;
 mod idle;
 mod latency;

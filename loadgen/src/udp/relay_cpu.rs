@@ -5,7 +5,8 @@
 
 use std::time::Instant;
 
-use crate::sys::{self, CpuUsage};
+use crate::cpu::CpuUsage;
+use crate::sys;
 
 /// utime + stime + cutime + cstime (clock ticks) from /proc/PID/stat: the
 /// process's own CPU plus that of the children it has reaped.

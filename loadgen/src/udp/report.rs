@@ -12,7 +12,7 @@ use super::accounting::Tally;
 use super::worker::STALL_NS;
 use super::Args;
 use crate::common::{latency_json, latency_line, via_line, Dialer, Failures, Report};
-use crate::sys::CpuUsage;
+use crate::cpu::CpuUsage;
 
 /// Everything the summary and the report of a run are made of: the
 /// options, the setup, and the totals merged over all threads.
