@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::sys::{cpu_ticks, self_cpu_ticks, CLK_TCK};
+use crate::sys::{cpu_ticks, self_cpu_ticks, ticks_per_second};
 
 /// CPU used by the `--pid` processes (the relay) and by ourselves over the
 /// measured interval.
@@ -63,9 +63,10 @@ impl CpuMeter {
             relay_seconds: if self.pids.is_empty() {
                 None
             } else {
-                relay.map(|t| t as f64 / CLK_TCK)
+                relay.map(|t| t as f64 / ticks_per_second())
             },
-            self_seconds: (self_cpu_ticks().saturating_sub(self.self_start)) as f64 / CLK_TCK,
+            self_seconds: (self_cpu_ticks().saturating_sub(self.self_start)) as f64
+                / ticks_per_second(),
             elapsed,
         }
     }

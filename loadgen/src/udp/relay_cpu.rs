@@ -8,19 +8,6 @@ use std::time::Instant;
 use crate::cpu::CpuUsage;
 use crate::sys;
 
-/// utime + stime + cutime + cstime (clock ticks) from /proc/PID/stat: the
-/// process's own CPU plus that of the children it has reaped.
-pub fn parse_stat_ticks_with_children(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(4)
-        .map(|x| x.parse().ok())
-        .collect::<Option<Vec<u64>>>()?;
-    (f.len() == 4).then(|| f.iter().sum())
-}
-
 /// CPU ticks of the process tree under each root (own + reaped children
 /// of every live process in it) and how many processes that was; None if
 /// a root is gone.
@@ -29,12 +16,9 @@ fn tree_ticks(roots: &[u32]) -> Option<(u64, usize)> {
     let mut procs = 0;
     for &r in roots {
         let mut all = vec![r];
-        all.extend(crate::relays::descendants(r));
-        for (i, p) in all.iter().enumerate() {
-            match std::fs::read_to_string(format!("/proc/{p}/stat"))
-                .ok()
-                .and_then(|t| parse_stat_ticks_with_children(&t))
-            {
+        all.extend(sys::descendants(r));
+        for (i, &p) in all.iter().enumerate() {
+            match sys::cpu_ticks_with_reaped_children(p) {
                 Some(t) => {
                     ticks += t;
                     procs += 1;
@@ -83,27 +67,12 @@ impl TreeMeter {
         (
             CpuUsage {
                 pids: self.roots.clone(),
-                relay_seconds: relay.map(|(t, _)| t as f64 / sys::CLK_TCK),
+                relay_seconds: relay.map(|(t, _)| t as f64 / sys::ticks_per_second()),
                 self_seconds: sys::self_cpu_ticks().saturating_sub(self.self_start) as f64
-                    / sys::CLK_TCK,
+                    / sys::ticks_per_second(),
                 elapsed,
             },
             relay.map(|(_, p)| p),
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stat_with_children() {
-        let stat = "4242 (dan ted) S 1 4242 4242 0 -1 4194560 2755 0 0 0 \
-                    100 20 7 3 20 0 3 0 12345 123456789 2048";
-        assert_eq!(parse_stat_ticks_with_children(stat), Some(130));
-        assert_eq!(parse_stat_ticks_with_children("1 (x) S 1 2 3"), None);
-        let me = std::fs::read_to_string("/proc/self/stat").unwrap();
-        assert!(parse_stat_ticks_with_children(&me).is_some());
     }
 }
