@@ -246,7 +246,7 @@ impl Relay {
                     addr: "127.0.0.1:1".parse().expect("literal"),
                     child,
                     command: argv,
-                    version: format!("git {}", git_short()),
+                    version: format!("git {}", sys::git_revision()),
                     _tmp: None,
                 };
                 let deadline = Instant::now() + READY_TIMEOUT;
@@ -448,13 +448,6 @@ pub fn dante_config(port: u16) -> String {
          socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 \
          command: bind connect udpassociate bindreply udpreply }}\n"
     )
-}
-
-fn git_short() -> String {
-    crate::sys::system_json()["git"]
-        .as_str()
-        .unwrap_or("unknown")
-        .to_string()
 }
 
 #[cfg(test)]

@@ -12,7 +12,6 @@
 use std::fs;
 use std::io;
 use std::path::PathBuf;
-use std::process::Command;
 
 use procfs::process::{Process, Stat};
 use procfs::{CpuInfo, Current, ProcError};
@@ -174,23 +173,14 @@ pub fn system_json() -> Value {
     })
 }
 
-fn git_revision() -> String {
-    // The source checkout this binary was built from first, then the
-    // current directory.
-    for dir in [env!("CARGO_MANIFEST_DIR"), "."] {
-        let out = Command::new("git")
-            .args(["-C", dir, "rev-parse", "--short", "HEAD"])
-            .output();
-        if let Ok(out) = out {
-            if out.status.success() {
-                let rev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-                if !rev.is_empty() {
-                    return rev;
-                }
-            }
-        }
+/// The git revision (short hash) loadgen was built from, stamped by
+/// build.rs; "unknown" if git or the repository was missing at build time.
+pub fn git_revision() -> &'static str {
+    match option_env!("VERGEN_GIT_SHA") {
+        // vergen's placeholder when git failed.
+        Some(rev) if !rev.is_empty() && rev != "VERGEN_IDEMPOTENT_OUTPUT" => rev,
+        _ => "unknown",
     }
-    "unknown".into()
 }
 
 /// Raises RLIMIT_NOFILE (soft, and hard if needed and allowed) to at least
@@ -272,7 +262,10 @@ mod tests {
 
     #[test]
     fn descendants_include_a_child() {
-        let mut child = Command::new("sleep").arg("10").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
         let kids = descendants(std::process::id());
         // Ends the child we started, by its handle.
         child.kill().unwrap();
