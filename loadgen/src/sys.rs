@@ -274,6 +274,15 @@ mod tests {
     }
 
     #[test]
+    fn git_revision_is_a_short_hash_or_unknown() {
+        let rev = git_revision();
+        assert!(
+            rev == "unknown" || (rev.len() >= 7 && rev.chars().all(|c| c.is_ascii_hexdigit())),
+            "{rev}"
+        );
+    }
+
+    #[test]
     fn cpuinfo() {
         let two = "processor\t: 0\nmodel name\t: Fancy CPU @ 3GHz\n\nprocessor\t: 1\nmodel name\t: Fancy CPU @ 3GHz\n";
         let info = CpuInfo::from_read(two.as_bytes()).unwrap();
