@@ -102,7 +102,7 @@ impl ConnArgs {
                 return Err(format!("--cpu {cpu}: cannot pin").into());
             }
         }
-        sys::CpuMeter::check(&self.pids)?;
+        crate::cpu::CpuMeter::check(&self.pids)?;
         let proxy = match &self.proxy {
             Some(p) => Some(loopback_addr(p)?),
             None => None,

@@ -27,8 +27,8 @@ use crate::common::{
     latency_json, latency_line, new_histogram, record, via_line, ConnArgs, Dialer, Failures,
     Progress, Report, Result, TimeArgs,
 };
+use crate::cpu::CpuMeter;
 use crate::epoll::{self, Epoll};
-use crate::sys::CpuMeter;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {

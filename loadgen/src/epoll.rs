@@ -1,5 +1,6 @@
-//! The three epoll calls tcp-cps needs, wrapped. This and `sys` are the
-//! only `unsafe` in loadgen.
+//! The three epoll calls that tcp-cps and udp need (create, add, wait),
+//! wrapped. One of the small FFI wrappers that hold loadgen's `unsafe`; the
+//! crate root (main.rs) lists them all.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::common::{sleep_until, via_line, ConnArgs, Failures, Progress, Report, Result};
+use crate::cpu::CpuMeter;
 use crate::serve::{any_port, Spec, Target};
-use crate::sys::{self, CpuMeter};
+use crate::sys;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {

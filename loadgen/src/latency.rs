@@ -20,8 +20,9 @@ use crate::common::{
     latency_json, latency_line, new_histogram, record, sleep_until, via_line, ConnArgs, Failures,
     Progress, Report, Result, TimeArgs,
 };
+use crate::cpu::CpuMeter;
 use crate::serve::{any_port, Spec, Target};
-use crate::sys::{self, CpuMeter};
+use crate::sys;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {

@@ -5,6 +5,16 @@
 //! latency, connection rate, the memory cost of idle connections and UDP
 //! ASSOCIATE datagram rate, loss and latency. See
 //! README.md for the modes and the JSON fields.
+//!
+//! `unsafe` is confined to thin wrappers of the libc calls that std,
+//! socket2 and procfs do not cover: epoll (`epoll`), `recvmmsg`/`sendmmsg`
+//! with UDP GSO (`serve::mmsg`), `SO_RCVBUFFORCE` (`serve::udp_echo`), the
+//! open loop's timerfd (`udp::worker`), RLIMIT_NOFILE and timer slack
+//! (`sys`), and `PR_SET_PDEATHSIG`, `kill` and `unshare` for the relays of
+//! `compare` (`relays`). Every block carries a `SAFETY` comment; the lint
+//! below keeps it that way.
+
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
@@ -17,6 +27,7 @@ mod check;
 mod common;
 mod compare;
 mod cps;
+mod cpu;
 mod epoll;
 mod idle;
 mod latency;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::common::Result;
+use crate::sys;
 
 pub const DANTED: &str = "/usr/sbin/danted";
 pub const MICROSOCKS: &str = "/usr/bin/microsocks";
@@ -245,7 +246,7 @@ impl Relay {
                     addr: "127.0.0.1:1".parse().expect("literal"),
                     child,
                     command: argv,
-                    version: format!("git {}", git_short()),
+                    version: format!("git {}", sys::git_revision()),
                     _tmp: None,
                 };
                 let deadline = Instant::now() + READY_TIMEOUT;
@@ -329,14 +330,14 @@ impl Relay {
     /// included by /proc/PID/stat itself.
     pub fn pids(&self) -> Vec<u32> {
         let mut all = vec![self.pid()];
-        all.extend(descendants(self.pid()));
+        all.extend(sys::descendants(self.pid()));
         all
     }
 
     /// The PID we hold must be the relay, not a wrapper: taskset execs, so
     /// once the relay accepts, /proc/PID/exe is the relay binary.
     fn check_is_exec(&self) -> Result<()> {
-        let exe = fs::read_link(format!("/proc/{}/exe", self.pid()))?;
+        let exe = sys::exe(self.pid())?;
         let name = exe.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if name.starts_with("taskset") {
             return Err(format!("pid {} is still taskset", self.pid()).into());
@@ -369,7 +370,7 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        let kids = descendants(self.pid());
+        let kids = sys::descendants(self.pid());
         // SAFETY: kill(2) with a PID we spawned; no memory is touched.
         unsafe {
             libc::kill(self.pid() as libc::pid_t, libc::SIGTERM);
@@ -390,7 +391,7 @@ impl Drop for Relay {
         // Dante's workers normally exit with their parent; any left over
         // are ours (we started their parent): stop them by PID.
         for k in kids {
-            if fs::metadata(format!("/proc/{k}")).is_ok() {
+            if sys::exists(k) {
                 // SAFETY: as above.
                 unsafe {
                     libc::kill(k as libc::pid_t, libc::SIGTERM);
@@ -426,11 +427,7 @@ pub fn enter_private_netns() -> Result<()> {
     if !st.success() {
         return Err("ip link set lo up failed".into());
     }
-    // /proc/sys/net is the namespace of the thread that opens it.
-    fs::write(
-        "/proc/sys/net/ipv4/tcp_max_tw_buckets",
-        NETNS_MAX_TW.to_string(),
-    )?;
+    sys::set_tcp_max_tw_buckets(NETNS_MAX_TW)?;
     Ok(())
 }
 
@@ -453,59 +450,9 @@ pub fn dante_config(port: u16) -> String {
     )
 }
 
-/// PPID (field 4) from the text of /proc/PID/stat.
-pub fn parse_stat_ppid(stat: &str) -> Option<u32> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// All descendants of `pid` (children, their children, ...), by scanning /proc.
-pub fn descendants(pid: u32) -> Vec<u32> {
-    let mut parent_of: Vec<(u32, u32)> = Vec::new();
-    if let Ok(rd) = fs::read_dir("/proc") {
-        for e in rd.flatten() {
-            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
-            };
-            if let Some(pp) = fs::read_to_string(format!("/proc/{p}/stat"))
-                .ok()
-                .and_then(|t| parse_stat_ppid(&t))
-            {
-                parent_of.push((p, pp));
-            }
-        }
-    }
-    let mut out = Vec::new();
-    let mut frontier = vec![pid];
-    // Bounded: each process is added at most once (the PID tree is a tree).
-    while let Some(p) = frontier.pop() {
-        for &(c, pp) in &parent_of {
-            if pp == p && c != pid && !out.contains(&c) {
-                out.push(c);
-                frontier.push(c);
-            }
-        }
-    }
-    out.sort_unstable();
-    out
-}
-
-fn git_short() -> String {
-    crate::sys::system_json()["git"]
-        .as_str()
-        .unwrap_or("unknown")
-        .to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ppid_with_tricky_comm() {
-        assert_eq!(parse_stat_ppid("42 (a) b) S 7 42 42 0"), Some(7));
-        assert_eq!(parse_stat_ppid("garbage"), None);
-    }
 
     #[test]
     fn dante_config_has_the_essentials() {

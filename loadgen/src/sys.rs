@@ -1,94 +1,161 @@
-//! Facts about this machine and other processes, read from /proc.
+//! The one place loadgen reads /proc, through the procfs crate: the CPU
+//! time, memory and fd count of a process, its descendants and its
+//! executable, and the kernel and CPU named in every report. The client
+//! modes, `compare` and the relay handling call these functions and parse
+//! nothing themselves. It also holds the few settings loadgen changes
+//! outside itself: RLIMIT_NOFILE, timer slack, and the TIME_WAIT limit of
+//! `compare`'s private network namespace.
 //!
-//! Everything that parses text is a pure function so it can be unit-tested.
+//! What is computed from procfs' parsed records (tick sums, model and core
+//! count) is in small pure functions, unit-tested on fixed text.
 
 use std::fs;
 use std::io;
-use std::process::Command;
-use std::time::Instant;
+use std::path::PathBuf;
 
+use procfs::process::{Process, Stat};
+use procfs::{CpuInfo, Current, ProcError};
 use serde_json::{json, Value};
 
-/// `USER_HZ`, the unit of utime/stime in /proc/PID/stat. It is 100 on every
-/// Linux architecture we run on (checked with `getconf CLK_TCK` on the
-/// benchmark machine); reading it via sysconf would need an `unsafe` call.
-pub const CLK_TCK: f64 = 100.0;
+/// `USER_HZ`, the unit of utime/stime in /proc/PID/stat: 100 on every Linux
+/// architecture (procfs asks sysconf(_SC_CLK_TCK)).
+pub fn ticks_per_second() -> f64 {
+    procfs::ticks_per_second() as f64
+}
 
-/// utime + stime (clock ticks) from the text of /proc/PID/stat.
-///
-/// The command name (field 2) is in parentheses and may itself contain
-/// spaces and parentheses, so fields are counted from the *last* `)`.
-/// After it come field 3 (state) onwards; utime and stime are fields 14, 15.
-pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+fn proc_error(e: ProcError) -> io::Error {
+    io::Error::other(e)
+}
+
+fn process(pid: u32) -> io::Result<Process> {
+    let id = i32::try_from(pid).map_err(|_| io::Error::other(format!("pid {pid} out of range")))?;
+    Process::new(id).map_err(proc_error)
+}
+
+fn stat(pid: u32) -> io::Result<Stat> {
+    process(pid)?.stat().map_err(proc_error)
+}
+
+/// utime + stime (clock ticks): the CPU of all the process's threads, also
+/// those that already exited (and io_uring's `iou-wrk` workers).
+pub fn own_ticks(s: &Stat) -> u64 {
+    s.utime + s.stime
+}
+
+/// utime + stime + cutime + cstime (clock ticks): the process's own CPU
+/// plus that of the children it has reaped.
+pub fn ticks_with_reaped_children(s: &Stat) -> Option<u64> {
+    let cutime = u64::try_from(s.cutime).ok()?;
+    let cstime = u64::try_from(s.cstime).ok()?;
+    Some(own_ticks(s) + cutime + cstime)
 }
 
 /// CPU ticks (user + system, all threads) used so far by `pid`.
 pub fn cpu_ticks(pid: u32) -> io::Result<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    parse_stat_ticks(&text)
-        .ok_or_else(|| io::Error::other(format!("/proc/{pid}/stat: cannot parse")))
+    stat(pid).map(|s| own_ticks(&s))
 }
 
 /// CPU ticks used so far by this process (the load generator and its
 /// in-process target).
 pub fn self_cpu_ticks() -> u64 {
-    fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|t| parse_stat_ticks(&t))
+    Process::myself()
+        .and_then(|p| p.stat())
+        .map(|s| own_ticks(&s))
         .unwrap_or(0)
 }
 
-/// `VmRSS` in KiB from the text of /proc/PID/status.
-pub fn parse_vm_rss_kib(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line["VmRSS:".len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+/// CPU ticks used so far by `pid` and the children it has reaped; None if
+/// it is gone.
+pub fn cpu_ticks_with_reaped_children(pid: u32) -> Option<u64> {
+    stat(pid).ok().and_then(|s| ticks_with_reaped_children(&s))
 }
 
+/// Resident memory (`VmRSS`) of `pid`, in bytes.
 pub fn rss_bytes(pid: u32) -> io::Result<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    parse_vm_rss_kib(&text)
-        .map(|k| k * 1024)
+    let status = process(pid)?.status().map_err(proc_error)?;
+    status
+        .vmrss
+        .map(|kib| kib * 1024)
         .ok_or_else(|| io::Error::other(format!("/proc/{pid}/status: no VmRSS")))
 }
 
+/// Open file descriptors of `pid` (entries of /proc/PID/fd).
 pub fn fd_count(pid: u32) -> io::Result<u64> {
-    Ok(fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64)
+    Ok(process(pid)?.fd_count().map_err(proc_error)? as u64)
 }
 
-/// First `model name` (x86) or `Model`/`CPU part` line of /proc/cpuinfo,
-/// and the number of `processor` entries.
-pub fn parse_cpuinfo(text: &str) -> (String, usize) {
-    let mut model = None;
-    let mut cores = 0;
-    for line in text.lines() {
-        let Some((key, val)) = line.split_once(':') else {
-            continue;
-        };
-        let key = key.trim();
-        if key == "processor" {
-            cores += 1;
-        } else if model.is_none() && (key == "model name" || key == "Model") {
-            model = Some(val.trim().to_string());
+/// The executable `pid` runs (/proc/PID/exe).
+pub fn exe(pid: u32) -> io::Result<PathBuf> {
+    process(pid)?.exe().map_err(proc_error)
+}
+
+/// Whether /proc still has `pid` (a zombie not yet reaped counts).
+pub fn exists(pid: u32) -> bool {
+    process(pid).is_ok()
+}
+
+/// All descendants of `pid` (children, their children, ...), from the
+/// parent PID of every process in /proc.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut parent_of: Vec<(u32, u32)> = Vec::new();
+    if let Ok(all) = procfs::process::all_processes() {
+        for p in all.flatten() {
+            let Ok(s) = p.stat() else { continue };
+            if let (Ok(child), Ok(parent)) = (u32::try_from(s.pid), u32::try_from(s.ppid)) {
+                parent_of.push((child, parent));
+            }
         }
     }
-    (model.unwrap_or_else(|| "unknown".into()), cores)
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    // Bounded: each process is added at most once (the PID tree is a tree).
+    while let Some(p) = frontier.pop() {
+        for &(c, pp) in &parent_of {
+            if pp == p && c != pid && !out.contains(&c) {
+                out.push(c);
+                frontier.push(c);
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Sets `net.ipv4.tcp_max_tw_buckets` of the network namespace of the
+/// calling thread (/proc/sys/net is the namespace of the thread that opens
+/// it).
+pub fn set_tcp_max_tw_buckets(n: u32) -> io::Result<()> {
+    fs::write("/proc/sys/net/ipv4/tcp_max_tw_buckets", n.to_string())
+}
+
+/// The kernel release exactly as /proc/sys/kernel/osrelease has it, suffix
+/// included (procfs' `KernelVersion` keeps only the numbers).
+fn kernel_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The CPU model (`model name` on x86, else `Model`) of the first CPU in
+/// /proc/cpuinfo, and the number of `processor` entries.
+pub fn cpu_model_and_count(info: &CpuInfo) -> (String, usize) {
+    let model = info
+        .model_name(0)
+        .or_else(|| info.get_field(0, "Model"))
+        .unwrap_or("unknown")
+        .to_string();
+    let cores = (0..info.num_cores())
+        .filter(|&i| info.get_field(i, "processor").is_some())
+        .count();
+    (model, cores)
 }
 
 /// The `system` object of every JSON report.
 pub fn system_json() -> Value {
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into());
-    let (cpu, mut cores) = parse_cpuinfo(&fs::read_to_string("/proc/cpuinfo").unwrap_or_default());
+    let kernel = kernel_release();
+    let (cpu, mut cores) = CpuInfo::current()
+        .map(|info| cpu_model_and_count(&info))
+        .unwrap_or_else(|_| ("unknown".into(), 0));
     if cores == 0 {
         cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     }
@@ -106,23 +173,14 @@ pub fn system_json() -> Value {
     })
 }
 
-fn git_revision() -> String {
-    // The source checkout this binary was built from first, then the
-    // current directory.
-    for dir in [env!("CARGO_MANIFEST_DIR"), "."] {
-        let out = Command::new("git")
-            .args(["-C", dir, "rev-parse", "--short", "HEAD"])
-            .output();
-        if let Ok(out) = out {
-            if out.status.success() {
-                let rev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-                if !rev.is_empty() {
-                    return rev;
-                }
-            }
-        }
+/// The git revision (short hash) loadgen was built from, stamped by
+/// build.rs; "unknown" if git or the repository was missing at build time.
+pub fn git_revision() -> &'static str {
+    match option_env!("VERGEN_GIT_SHA") {
+        // vergen's placeholder when git failed.
+        Some(rev) if !rev.is_empty() && rev != "VERGEN_IDEMPOTENT_OUTPUT" => rev,
+        _ => "unknown",
     }
-    "unknown".into()
 }
 
 /// Raises RLIMIT_NOFILE (soft, and hard if needed and allowed) to at least
@@ -166,165 +224,73 @@ pub fn tight_timer_slack() {
     }
 }
 
-/// CPU used by the `--pid` processes (the relay) and by ourselves over the
-/// measured interval.
-pub struct CpuMeter {
-    pids: Vec<u32>,
-    start: Vec<u64>,
-    self_start: u64,
-    t0: Instant,
-}
-
-pub struct CpuUsage {
-    pub pids: Vec<u32>,
-    /// None when there were no `--pid`s or one vanished.
-    pub relay_seconds: Option<f64>,
-    pub self_seconds: f64,
-    pub elapsed: f64,
-}
-
-impl CpuMeter {
-    /// Checks that every pid is readable, so a typo fails before the run.
-    pub fn check(pids: &[u32]) -> io::Result<()> {
-        for &p in pids {
-            cpu_ticks(p).map_err(|e| io::Error::other(format!("--pid {p}: {e}")))?;
-        }
-        Ok(())
-    }
-
-    pub fn start(pids: &[u32]) -> CpuMeter {
-        CpuMeter {
-            pids: pids.to_vec(),
-            start: pids.iter().map(|&p| cpu_ticks(p).unwrap_or(0)).collect(),
-            self_start: self_cpu_ticks(),
-            t0: Instant::now(),
-        }
-    }
-
-    pub fn stop(&self) -> CpuUsage {
-        let elapsed = self.t0.elapsed().as_secs_f64();
-        let mut relay = Some(0u64);
-        for (&p, &s) in self.pids.iter().zip(&self.start) {
-            relay = match (relay, cpu_ticks(p)) {
-                (Some(acc), Ok(now)) => Some(acc + now.saturating_sub(s)),
-                _ => {
-                    eprintln!("loadgen: warning: pid {p} vanished; no relay CPU figure");
-                    None
-                }
-            };
-        }
-        CpuUsage {
-            pids: self.pids.clone(),
-            relay_seconds: if self.pids.is_empty() {
-                None
-            } else {
-                relay.map(|t| t as f64 / CLK_TCK)
-            },
-            self_seconds: (self_cpu_ticks().saturating_sub(self.self_start)) as f64 / CLK_TCK,
-            elapsed,
-        }
-    }
-}
-
-impl CpuUsage {
-    /// The `relay_cpu` JSON object (or null): CPU seconds, utilization (cores
-    /// busy on average) and the cost per unit for each `(name, amount)`,
-    /// e.g. `("per_gb", gigabytes)`; a cost is null when its amount is 0.
-    pub fn relay_json(&self, per: &[(&str, f64)]) -> Value {
-        let Some(cpu) = self.relay_seconds else {
-            return Value::Null;
-        };
-        let mut obj = json!({
-            "pid": self.pids[0],
-            "pids": self.pids,
-            "cpu_seconds": cpu,
-            "interval_seconds": self.elapsed,
-            "utilization": if self.elapsed > 0.0 { cpu / self.elapsed } else { 0.0 },
-        });
-        for &(name, amount) in per {
-            obj[name] = if amount > 0.0 {
-                json!(cpu / amount)
-            } else {
-                Value::Null
-            };
-        }
-        obj
-    }
-
-    /// The CPU part of a summary: the relay line (when `--pid` was given) and loadgen's own.
-    pub fn summary_lines(&self, per: &[(&str, f64, f64)]) -> String {
-        let mut s = String::new();
-        if let Some(l) = self.relay_line(per) {
-            s += &l;
-            s.push('\n');
-        }
-        s += &format!("loadgen CPU {:.2} s\n", self.self_seconds);
-        s
-    }
-
-    /// One summary line, e.g. `relay CPU 1.23 s (24.6% of a core), 0.05 s/GB`.
-    pub fn relay_line(&self, per: &[(&str, f64, f64)]) -> Option<String> {
-        let cpu = self.relay_seconds?;
-        let mut line = format!(
-            "relay CPU {cpu:.2} s ({:.1}% of a core)",
-            100.0 * cpu / self.elapsed.max(1e-9)
-        );
-        // (unit, amount, display scale)
-        for &(unit, amount, scale) in per {
-            if amount > 0.0 {
-                line += &format!(", {:.3} {unit}", cpu / amount * scale);
-            }
-        }
-        Some(line)
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use procfs::FromRead;
+
     use super::*;
+
+    /// A real /proc/PID/stat line whose comm has a space and a `)`;
+    /// utime 1234, stime 567, cutime 7, cstime 3, ppid 1.
+    const STAT: &str = "4242 (ring socks) x) S 1 4242 4242 0 -1 4194560 2755 0 0 0 \
+        1234 567 7 3 20 0 3 0 12345 123456789 2048 18446744073709551615 94176009940992 \
+        94176009960873 140724830150768 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0 94176009976880 \
+        94176009978496 94176723472384 140724830157538 140724830157558 140724830157558 \
+        140724830158827 0";
 
     #[test]
     fn stat_ticks_with_tricky_comm() {
-        // Real layout; comm contains a space and a ')'.
-        let stat = "4242 (ring socks) x) S 1 4242 4242 0 -1 4194560 2755 0 0 0 \
-                    1234 567 0 0 20 0 3 0 12345 123456789 2048 18446744073709551615";
-        assert_eq!(parse_stat_ticks(stat), Some(1234 + 567));
-        assert_eq!(parse_stat_ticks("1 (x) S 1 2"), None);
-        assert_eq!(parse_stat_ticks("garbage"), None);
+        let s = Stat::from_read(STAT.as_bytes()).unwrap();
+        assert_eq!(s.comm, "ring socks) x");
+        assert_eq!(s.ppid, 1);
+        assert_eq!(own_ticks(&s), 1234 + 567);
+        assert_eq!(ticks_with_reaped_children(&s), Some(1234 + 567 + 7 + 3));
+        assert!(Stat::from_read("1 (x) S 1 2".as_bytes()).is_err());
+        assert!(Stat::from_read("garbage".as_bytes()).is_err());
     }
 
     #[test]
-    fn stat_ticks_of_self() {
-        assert!(cpu_ticks(std::process::id()).is_ok());
+    fn this_process_is_readable() {
+        let me = std::process::id();
+        assert!(cpu_ticks(me).is_ok());
+        assert!(cpu_ticks_with_reaped_children(me).is_some());
+        assert!(rss_bytes(me).unwrap() > 0);
+        assert!(fd_count(me).unwrap() >= 3);
+        assert_eq!(exe(me).unwrap(), std::env::current_exe().unwrap());
+        assert!(exists(me));
     }
 
     #[test]
-    fn status_and_cpuinfo() {
-        let status = "Name:\tringsocks\nVmPeak:\t  9999 kB\nVmRSS:\t    5120 kB\nThreads: 3\n";
-        assert_eq!(parse_vm_rss_kib(status), Some(5120));
-        assert_eq!(parse_vm_rss_kib("Name: x\n"), None);
-        let cpuinfo = "processor\t: 0\nmodel name\t: Fancy CPU @ 3GHz\n\nprocessor\t: 1\nmodel name\t: Fancy CPU @ 3GHz\n";
-        assert_eq!(parse_cpuinfo(cpuinfo), ("Fancy CPU @ 3GHz".into(), 2));
+    fn descendants_include_a_child() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        let kids = descendants(std::process::id());
+        // Ends the child we started, by its handle.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(kids.contains(&child.id()), "{kids:?}");
     }
 
     #[test]
-    fn relay_json_costs() {
-        let u = CpuUsage {
-            pids: vec![7],
-            relay_seconds: Some(2.0),
-            self_seconds: 1.0,
-            elapsed: 4.0,
-        };
-        let j = u.relay_json(&[("per_gb", 10.0), ("per_conn", 0.0)]);
-        assert_eq!(j["pid"], 7);
-        assert_eq!(j["cpu_seconds"], 2.0);
-        assert_eq!(j["utilization"], 0.5);
-        assert_eq!(j["per_gb"], 0.2);
-        assert!(j["per_conn"].is_null());
-        let none = CpuUsage {
-            relay_seconds: None,
-            ..u
-        };
-        assert!(none.relay_json(&[]).is_null());
+    fn git_revision_is_a_short_hash_or_unknown() {
+        let rev = git_revision();
+        assert!(
+            rev == "unknown" || (rev.len() >= 7 && rev.chars().all(|c| c.is_ascii_hexdigit())),
+            "{rev}"
+        );
+    }
+
+    #[test]
+    fn cpuinfo() {
+        let two = "processor\t: 0\nmodel name\t: Fancy CPU @ 3GHz\n\nprocessor\t: 1\nmodel name\t: Fancy CPU @ 3GHz\n";
+        let info = CpuInfo::from_read(two.as_bytes()).unwrap();
+        assert_eq!(cpu_model_and_count(&info), ("Fancy CPU @ 3GHz".into(), 2));
+        let one = "processor\t: 0\nModel\t: Board\n\n";
+        let info = CpuInfo::from_read(one.as_bytes()).unwrap();
+        assert_eq!(cpu_model_and_count(&info), ("Board".into(), 1));
+        let none = CpuInfo::from_read("".as_bytes()).unwrap();
+        assert_eq!(cpu_model_and_count(&none), ("unknown".into(), 0));
     }
 }

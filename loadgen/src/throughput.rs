@@ -16,8 +16,8 @@ use serde_json::{json, Value};
 use crate::common::{
     sleep_until, via_line, ConnArgs, Failures, Progress, Report, Result, TimeArgs,
 };
+use crate::cpu::CpuMeter;
 use crate::serve::{any_port, Counters, Spec, Target, BULK_BUF};
-use crate::sys::CpuMeter;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {

@@ -1,0 +1,212 @@
+//! The measurement loop: every measurement of the suite on every system,
+//! repetition by repetition with the order of systems rotated, each as
+//! one run of this binary in a client mode (a child process pinned to the
+//! load CPU, `--json -`), collecting the figures of each report.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::figures::value_at;
+use super::markdown::fmt_num;
+use super::peers::Peers;
+use super::suite::Suite;
+use super::{Args, Settings};
+
+/// What the loop collected: every run (argv, error, report), the order of
+/// systems in each repetition, and the values per system and figure.
+pub(super) struct Measured {
+    pub runs: Vec<Value>,
+    pub orders: Vec<Vec<&'static str>>,
+    pub values: BTreeMap<String, BTreeMap<String, Vec<f64>>>,
+}
+
+/// Runs every measurement of `a.suite` on every system present,
+/// `a.reps` times.
+pub(super) fn measure_all(a: &Args, settings: &Settings, peers: &Peers) -> Measured {
+    let Settings {
+        duration,
+        warmup,
+        load_cpu,
+        ..
+    } = *settings;
+    let Peers {
+        relays, present, ..
+    } = peers;
+    let limit = Duration::from_secs_f64(duration + warmup + 30.0);
+    let mut runs = Vec::new();
+    let mut orders = Vec::new();
+    let mut values: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+    let udp = matches!(a.suite, Suite::Udp | Suite::UdpCi);
+    let figures = a.suite.figures();
+    let total = a.reps * a.suite.measurements().len() * present.len();
+    let mut done = 0;
+    for rep in 0..a.reps {
+        let order = rotation(present, rep);
+        orders.push(order.iter().map(|k| k.name()).collect::<Vec<_>>());
+        for &m in a.suite.measurements() {
+            for &k in &order {
+                let mut argv: Vec<String> = m.args().into_iter().map(String::from).collect();
+                let mut pids_before = Vec::new();
+                match relays.get(k.name()) {
+                    None => argv.push("--direct".into()),
+                    // `udp` counts the relay's descendants itself, exited
+                    // ones included: only the relay's own PID is passed.
+                    Some(r) if udp => {
+                        argv.extend(["--proxy".into(), r.addr.to_string()]);
+                        argv.extend(["--pid".into(), r.pid().to_string()]);
+                    }
+                    Some(r) => {
+                        argv.extend(["--proxy".into(), r.addr.to_string()]);
+                        pids_before = r.pids();
+                        for p in &pids_before {
+                            argv.extend(["--pid".into(), p.to_string()]);
+                        }
+                    }
+                }
+                argv.extend([
+                    "--duration".into(),
+                    duration.to_string(),
+                    "--warmup".into(),
+                    warmup.to_string(),
+                    "--cpu".into(),
+                    load_cpu.to_string(),
+                    "--quiet".into(),
+                    "--json".into(),
+                    "-".into(),
+                ]);
+                let (mut report, error) = run_loadgen(&argv, limit);
+                done += 1;
+                // Dante forks and reaps workers: if its process set changed
+                // during the run, the CPU figure missed some of it.
+                let mut cpu_note = Value::Null;
+                if let Some(r) = relays.get(k.name()).filter(|_| !udp) {
+                    if r.pids() != pids_before {
+                        cpu_note = json!("relay process set changed during the run: CPU dropped");
+                        if let Some(rep) = report.as_mut() {
+                            rep["relay_cpu"] = Value::Null;
+                        }
+                    }
+                }
+                let mut line = format!(
+                    "[{done}/{total}] rep {} {:<12} {:<17}",
+                    rep + 1,
+                    m.name(),
+                    k.name()
+                );
+                if let Some(rep_json) = &report {
+                    for f in figures.iter().filter(|f| f.from == m) {
+                        if let Some(v) = value_at(rep_json, f) {
+                            values
+                                .entry(k.name().to_string())
+                                .or_default()
+                                .entry(f.key.to_string())
+                                .or_default()
+                                .push(v);
+                            line += &format!(" {} {}", f.key, fmt_num(v));
+                        }
+                    }
+                }
+                if let Some(e) = &error {
+                    line += &format!("  ERROR {e}");
+                }
+                eprintln!("{line}");
+                runs.push(json!({
+                    "rep": rep + 1,
+                    "system": k.name(),
+                    "measurement": m.name(),
+                    "argv": argv,
+                    "error": error,
+                    "cpu_note": cpu_note,
+                    "report": report,
+                }));
+            }
+        }
+    }
+    Measured {
+        runs,
+        orders,
+        values,
+    }
+}
+
+/// `base` rotated left by `r`: the order of systems in repetition `r`.
+pub fn rotation<T: Clone>(base: &[T], r: usize) -> Vec<T> {
+    let n = base.len();
+    (0..n).map(|i| base[(i + r) % n].clone()).collect()
+}
+
+/// Runs one loadgen client mode as a child process and returns its report.
+pub(super) fn run_loadgen(argv: &[String], limit: Duration) -> (Option<Value>, Option<String>) {
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return (None, Some(format!("current_exe: {e}"))),
+    };
+    let child = Command::new(exe)
+        .args(argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => return (None, Some(format!("spawn: {e}"))),
+    };
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let out_t = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_t = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + limit;
+    // Bounded by `limit`, then the child is killed (by its PID).
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Some(st),
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let stdout = out_t.join().unwrap_or_default();
+    let stderr = err_t.join().unwrap_or_default();
+    let report: Option<Value> = serde_json::from_str(&stdout).ok();
+    let error = match status {
+        None => Some(format!("timed out after {:.0} s", limit.as_secs_f64())),
+        Some(st) if !st.success() => Some(
+            stderr
+                .lines()
+                .rev()
+                .find(|l| l.starts_with("loadgen:"))
+                .unwrap_or("failed")
+                .to_string(),
+        ),
+        Some(_) if report.is_none() => Some("no JSON report".into()),
+        Some(_) => None,
+    };
+    (report, error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_by_repetition() {
+        assert_eq!(rotation(&[1, 2, 3], 1), vec![2, 3, 1]);
+        assert_eq!(rotation(&[1, 2, 3], 3), vec![1, 2, 3]);
+    }
+}
