@@ -47,7 +47,7 @@ impl Sock {
     pub(crate) fn fake_id(&self) -> u32 {
         match &self.0 {
             SockRepr::Fake(i) => *i,
-            _ => u32::MAX,
+            _ => unreachable!("a kernel socket reached the fake engine"),
         }
     }
 }
