@@ -5,9 +5,8 @@
 //! after stdin EOF without waiting for the reply. So the ncat test checks that ncat's data
 //! and FIN cross the relay (the server sees the line, then EOF), and the "reply after
 //! EOF must come back" half-close check is done with a raw `shutdown(Write)` client.
-mod common;
 
-use common::*;
+use crate::common::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::process::{Child, Command, Stdio};

@@ -1,7 +1,6 @@
 //! Graceful shutdown: SIGTERM/SIGINT stop accepting, drain, exit 0.
-mod common;
 
-use common::*;
+use crate::common::*;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::thread;

@@ -1,8 +1,7 @@
 //! Running out of file descriptors at accept: the relay logs, backs off without spinning, and
 //! serves again once descriptors are free. The relay runs under `prlimit --nofile=64`.
-mod common;
 
-use common::*;
+use crate::common::*;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 

@@ -3,9 +3,8 @@
 //!
 //! `RINGSOCKS_SCALE_IDLE` overrides the idle count (default 20000), only for harness runs
 //! against other servers.
-mod common;
 
-use common::*;
+use crate::common::*;
 use rlimit::Resource;
 use std::io::{self, BufRead, Read, Write};
 use std::net::TcpStream;

@@ -7,9 +7,8 @@
 //! The generic tests also run against another server through `RINGSOCKS_TEST_BIN`
 //! (`tests/support/dante-shim.sh`); tests of ringsocks' own flags and log lines return
 //! early there (`skip_unless_ringsocks`).
-mod common;
 
-use common::*;
+use crate::common::*;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::Path;

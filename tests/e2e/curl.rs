@@ -1,7 +1,6 @@
 //! End-to-end: curl through the real relay over loopback.
-mod common;
 
-use common::*;
+use crate::common::*;
 use std::os::unix::fs::PermissionsExt;
 
 fn fetch_big_via(proxy_flag: &str, relay: std::net::SocketAddr, url: &str, extra: &[&str]) {

@@ -1,9 +1,8 @@
 //! UDP ASSOCIATE at scale on one shard: 2,000 associations open at once exchanging
 //! datagrams with zero loss, and 10,000 associations opened and closed in batches with the
 //! relay's descriptors and memory back where they started.
-mod common;
 
-use common::*;
+use crate::common::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;

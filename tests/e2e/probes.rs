@@ -1,8 +1,7 @@
 //! Raw-socket SOCKS5 probes against the real relay: error replies, closing after errors,
 //! fragmented and pipelined handshakes, garbage, handshake timeouts and BND.ADDR.
-mod common;
 
-use common::*;
+use crate::common::*;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::thread;
