@@ -5,7 +5,6 @@
 //! against other servers.
 
 use crate::common::*;
-use rlimit::Resource;
 use std::io::{self, BufRead, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,15 +16,6 @@ use std::time::{Duration, Instant};
 fn serial() -> MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn raise_nofile() -> u64 {
-    let want = 1u64 << 20;
-    if rlimit::setrlimit(Resource::NOFILE, want, want).is_err() {
-        let (_, hard) = rlimit::getrlimit(Resource::NOFILE).unwrap();
-        let _ = rlimit::setrlimit(Resource::NOFILE, hard, hard);
-    }
-    rlimit::getrlimit(Resource::NOFILE).unwrap().0
 }
 
 const THREADS: usize = 50;
@@ -41,7 +31,7 @@ fn conn_len(id: usize) -> usize {
 
 fn concurrent_busy(mode: &str) {
     let _serial = serial();
-    raise_nofile();
+    raise_nofile_limit();
     let echo = echo_server("127.0.0.1:0");
     let relay = Relay::start(&["--forward", mode]);
     let ready = Arc::new(AtomicUsize::new(0));

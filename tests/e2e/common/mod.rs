@@ -1,5 +1,5 @@
 //! Shared end-to-end helpers: spawn the real `ringsocks` binary on loopback,
-//! small std-thread servers (HTTP, echo, reply-after-EOF, hold, peer-reporting)
+//! small std-thread servers (HTTP, echo, reply-after-EOF, peer-reporting)
 //! and a hand-rolled SOCKS5 client for probes.
 //!
 //! Every address used here is loopback. Every loop is bounded in count or time.
@@ -7,12 +7,10 @@
 //! `RINGSOCKS_TEST_BIN` may point at another SOCKS5 server wrapper that speaks the
 //! same command-line/readiness contract (used to validate the harness itself, e.g.
 //! `tests/support/microsocks-shim.sh`); by default the cargo-built binary is used.
-#![allow(dead_code)]
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{
-    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs,
-    UdpSocket,
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -43,8 +41,6 @@ pub fn relay_bin() -> PathBuf {
 pub struct Relay {
     /// First `listening` address.
     pub addr: SocketAddr,
-    /// All `listening` addresses, in the order printed.
-    pub addrs: Vec<SocketAddr>,
     pub child: Child,
     stderr: Arc<Mutex<String>>,
     exited: Option<ExitStatus>,
@@ -180,7 +176,6 @@ impl Relay {
         if addrs.len() == expected {
             return Ok(Relay {
                 addr: addrs[0],
-                addrs,
                 child,
                 stderr,
                 exited: None,
@@ -329,8 +324,6 @@ pub struct Server {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
-    /// Peer addresses of accepted connections, in accept order.
-    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
     /// Number of accepted connections.
     pub accepted: Arc<AtomicUsize>,
 }
@@ -343,12 +336,10 @@ impl Server {
         let listener = TcpListener::bind(bind)?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
-        let peers = Arc::new(Mutex::new(Vec::new()));
         let accepted = Arc::new(AtomicUsize::new(0));
         let handler = Arc::new(handler);
         let handle = {
             let stop = stop.clone();
-            let peers = peers.clone();
             let accepted = accepted.clone();
             thread::spawn(move || {
                 for conn in listener.incoming() {
@@ -356,9 +347,6 @@ impl Server {
                         break;
                     }
                     let Ok(s) = conn else { continue };
-                    if let Ok(p) = s.peer_addr() {
-                        peers.lock().unwrap().push(p);
-                    }
                     accepted.fetch_add(1, Ordering::SeqCst);
                     let h = handler.clone();
                     let _ = thread::Builder::new()
@@ -371,7 +359,6 @@ impl Server {
             addr,
             stop,
             handle: Some(handle),
-            peers,
             accepted,
         })
     }
@@ -521,61 +508,6 @@ fn serve_http(mut s: TcpStream) {
     // Let the client read everything before the socket is dropped (avoids RST on unread data).
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = s.read(&mut buf);
-}
-
-/// Accepts and holds every connection (no threads per connection), for idle-scale tests.
-pub struct HoldServer {
-    pub addr: SocketAddr,
-    pub conns: Arc<Mutex<Vec<TcpStream>>>,
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl HoldServer {
-    pub fn start(bind: &str) -> HoldServer {
-        let listener = TcpListener::bind(bind).expect("bind hold server");
-        let addr = listener.local_addr().unwrap();
-        let conns = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let handle = {
-            let conns = conns.clone();
-            let stop = stop.clone();
-            thread::spawn(move || {
-                for c in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    match c {
-                        Ok(s) => conns.lock().unwrap().push(s),
-                        Err(e) => {
-                            eprintln!("hold server accept error: {e}");
-                            thread::sleep(Duration::from_millis(10));
-                        }
-                    }
-                }
-            })
-        };
-        HoldServer {
-            addr,
-            conns,
-            stop,
-            handle: Some(handle),
-        }
-    }
-
-    pub fn count(&self) -> usize {
-        self.conns.lock().unwrap().len()
-    }
-}
-
-impl Drop for HoldServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -914,11 +846,6 @@ pub fn curl_ok(relay: SocketAddr, url: &str) -> Vec<u8> {
     out.stdout
 }
 
-/// Resolve helper for tests that need it.
-pub fn resolve(s: &str) -> Vec<SocketAddr> {
-    s.to_socket_addrs().map(|i| i.collect()).unwrap_or_default()
-}
-
 /// The two forwarding modes every forwarding test runs under.
 pub const FORWARD_MODES: [&str; 3] = ["splice", "copy", "auto"];
 
@@ -1254,18 +1181,6 @@ impl UdpServer {
             .iter()
             .map(|(_, d)| d.clone())
             .collect()
-    }
-
-    /// Wait until at least `n` datagrams arrived; false at the deadline.
-    pub fn wait_for(&self, n: usize, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        while self.received() < n {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-        true
     }
 }
 
