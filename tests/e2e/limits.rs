@@ -5,15 +5,6 @@ use crate::common::*;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("relay stat");
-    // Fields after the command name (which is in parentheses and may contain spaces).
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
 #[test]
 fn emfile_at_accept_backs_off_and_recovers() {
     require_tool("prlimit");
@@ -37,9 +28,9 @@ fn emfile_at_accept_backs_off_and_recovers() {
         relay.stderr()
     );
     // Backing off, not spinning: over 2 s the relay uses well under a core.
-    let t0 = cpu_ticks(relay.pid());
+    let t0 = proc_cpu_ticks(relay.pid());
     std::thread::sleep(Duration::from_secs(2));
-    let used = cpu_ticks(relay.pid()) - t0;
+    let used = proc_cpu_ticks(relay.pid()) - t0;
     assert!(
         used < 50,
         "relay used {used} ticks of CPU in 2 s while out of fds"

@@ -160,7 +160,7 @@ fn idle_tunnels(mode: &str) {
     require_tool("python3");
     let http = http_server("127.0.0.1:0").unwrap();
     let relay = Relay::start(&["--forward", mode]);
-    let (rss0, fds0) = (proc_rss_kib(relay.pid()), relay_fds(relay.pid()));
+    let (rss0, fds0) = (proc_rss_kib(relay.pid()), proc_fd_count(relay.pid()));
     let start = Instant::now();
     // Both ends of every tunnel live in helper processes: this machine's hard RLIMIT_NOFILE
     // (20,000, not raisable without CAP_SYS_RESOURCE) is too small for one process to hold
@@ -205,7 +205,7 @@ fn idle_tunnels(mode: &str) {
         "[{mode}] relay stderr:\n{}",
         relay.stderr()
     );
-    let (rss1, fds1) = (proc_rss_kib(relay.pid()), relay_fds(relay.pid()));
+    let (rss1, fds1) = (proc_rss_kib(relay.pid()), proc_fd_count(relay.pid()));
     println!(
         "[{mode}] {n} idle tunnels open after {:?}: relay RSS {rss0} -> {rss1} KiB ({} B per tunnel), fds {fds0} -> {fds1}",
         start.elapsed(),
@@ -245,8 +245,4 @@ fn idle_tunnels(mode: &str) {
         curl_ok(relay.addr, &format!("http://127.0.0.1:{}/", http.port())),
         b"hello\n"
     );
-}
-
-fn relay_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }

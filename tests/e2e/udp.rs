@@ -859,7 +859,7 @@ fn assert_udp_port_closed(relay_udp: SocketAddr, what: &str) {
     loop {
         let bound: Vec<NetSocket> = net_sockets("udp")
             .into_iter()
-            .filter(|s| s.local_port == relay_udp.port())
+            .filter(|s| s.local.port() == relay_udp.port())
             .collect();
         if bound.is_empty() {
             return;

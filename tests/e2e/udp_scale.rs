@@ -208,11 +208,11 @@ fn churn_batch(relay: &Relay, echo: &UdpServer, b: usize) -> Vec<u16> {
 fn leftover_sockets(relay_port: u16, udp_ports: &std::collections::HashSet<u16>) -> (usize, usize) {
     let tcp = net_sockets("tcp")
         .into_iter()
-        .filter(|s| s.local_port == relay_port && s.state != 0x0A && s.state != 0x06)
+        .filter(|s| s.local.port() == relay_port && s.state != 0x0A && s.state != 0x06)
         .count();
     let udp = net_sockets("udp")
         .into_iter()
-        .filter(|s| udp_ports.contains(&s.local_port))
+        .filter(|s| udp_ports.contains(&s.local.port()))
         .count();
     (tcp, udp)
 }

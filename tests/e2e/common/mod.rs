@@ -20,6 +20,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+mod proc;
+pub use proc::*;
+
 /// How long the relay gets to print its `listening` lines.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default I/O timeout on test sockets so no test can hang forever.
@@ -1217,7 +1220,7 @@ pub fn close_with_rst(s: TcpStream) {
 }
 
 // ---------------------------------------------------------------------------
-// Relay logs and /proc figures
+// Relay logs
 // ---------------------------------------------------------------------------
 
 /// Wait until the relay's stderr has at least `n` lines containing `needle`; returns them
@@ -1253,21 +1256,6 @@ pub fn log_field(line: &str, key: &str) -> Option<u64> {
         rest = after;
     }
     None
-}
-
-/// VmRSS of a process in KiB (0 if unreadable).
-pub fn proc_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// Open file descriptors of a process (0 if unreadable).
-pub fn proc_fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
 /// Raise RLIMIT_NOFILE as far as allowed; returns the soft limit now in force.
@@ -1400,46 +1388,4 @@ impl Drop for Helper {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// One socket from /proc/net/{tcp,tcp6,udp,udp6} (this network namespace, all processes).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NetSocket {
-    /// Local address as in the file (hex, host byte order per 32-bit word).
-    pub local_hex: String,
-    pub local_port: u16,
-    pub remote_port: u16,
-    /// Kernel state number (TCP: 0x01 ESTABLISHED, 0x06 TIME_WAIT, 0x08 CLOSE_WAIT, 0x0A LISTEN).
-    pub state: u8,
-}
-
-/// Sockets of `proto` ("tcp" or "udp"), IPv4 and IPv6: how to see sockets that a process
-/// holds only in io_uring's fixed-file table (they are not in /proc/PID/fd).
-pub fn net_sockets(proto: &str) -> Vec<NetSocket> {
-    let mut v = Vec::new();
-    for file in [proto.to_string(), format!("{proto}6")] {
-        let text = std::fs::read_to_string(format!("/proc/net/{file}")).unwrap_or_default();
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 4 {
-                continue;
-            }
-            let split = |a: &str| -> Option<(String, u16)> {
-                let (ip, port) = a.split_once(':')?;
-                Some((ip.to_string(), u16::from_str_radix(port, 16).ok()?))
-            };
-            let (Some((local_hex, local_port)), Some((_, remote_port)), Ok(state)) =
-                (split(f[1]), split(f[2]), u8::from_str_radix(f[3], 16))
-            else {
-                continue;
-            };
-            v.push(NetSocket {
-                local_hex,
-                local_port,
-                remote_port,
-                state,
-            });
-        }
-    }
-    v
 }
