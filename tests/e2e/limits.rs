@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn emfile_at_accept_backs_off_and_recovers() {
+    let _guard = exclusive();
     require_tool("prlimit");
     let http = http_server("127.0.0.1:0").unwrap();
     let relay = Relay::start_wrapped(

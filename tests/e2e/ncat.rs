@@ -42,6 +42,7 @@ fn stderr_of(child: &mut Child) -> String {
 
 #[test]
 fn ncat_echo_roundtrip_splice_and_copy() {
+    let _guard = shared();
     let echo = echo_server("127.0.0.1:0");
     for mode in FORWARD_MODES {
         let relay = Relay::start(&["--forward", mode]);
@@ -91,6 +92,7 @@ fn ncat_echo_roundtrip_splice_and_copy() {
 
 #[test]
 fn ncat_data_and_eof_cross_the_relay_splice_and_copy() {
+    let _guard = shared();
     let (srv, received) = reply_after_eof_server("127.0.0.1:0");
     for (i, mode) in FORWARD_MODES.iter().enumerate() {
         let relay = Relay::start(&["--forward", mode]);
@@ -131,6 +133,7 @@ fn raw_half_close(relay: SocketAddr, target: SocketAddr, payload: &[u8]) {
 
 #[test]
 fn raw_half_close_reply_after_eof_splice_and_copy() {
+    let _guard = shared();
     let (srv, _) = reply_after_eof_server("127.0.0.1:0");
     for mode in FORWARD_MODES {
         let relay = Relay::start(&["--forward", mode]);
@@ -144,6 +147,7 @@ fn raw_half_close_reply_after_eof_splice_and_copy() {
 
 #[test]
 fn raw_fin_propagates_both_ways_splice_and_copy() {
+    let _guard = shared();
     // Client FIN -> relay -> echo server, which then FINs back -> relay -> client EOF.
     let echo = echo_server("127.0.0.1:0");
     for mode in FORWARD_MODES {

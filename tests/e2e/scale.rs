@@ -8,15 +8,9 @@ use crate::common::*;
 use std::io::{self, BufRead, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
-
-/// The scale tests share this process's file descriptor budget: run them one at a time.
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 const THREADS: usize = 50;
 const PER_THREAD: usize = 20;
@@ -30,7 +24,6 @@ fn conn_len(id: usize) -> usize {
 }
 
 fn concurrent_busy(mode: &str) {
-    let _serial = serial();
     raise_nofile_limit();
     let echo = echo_server("127.0.0.1:0");
     let relay = Relay::start(&["--forward", mode]);
@@ -135,18 +128,19 @@ fn concurrent_busy(mode: &str) {
 
 #[test]
 fn concurrent_1000_busy_tunnels_splice() {
+    let _guard = exclusive();
     concurrent_busy("splice");
 }
 
 #[test]
 fn concurrent_1000_busy_tunnels_copy() {
+    let _guard = exclusive();
     concurrent_busy("copy");
 }
 
 #[test]
 fn idle_20000_tunnels_then_curl_then_close_splice_and_copy() {
-    // Sequential: two at once would not fit in the file descriptor limit.
-    let _serial = serial();
+    let _guard = exclusive();
     for mode in FORWARD_MODES {
         idle_tunnels(mode);
     }

@@ -4,15 +4,9 @@
 
 use crate::common::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
-
-/// Both tests need many descriptors and the CPU: one at a time.
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 const CONCURRENT: usize = 2000;
 const WORKERS: usize = 8;
@@ -28,7 +22,7 @@ fn payload(id: usize, round: usize) -> Vec<u8> {
 
 #[test]
 fn concurrent_2000_associations_zero_loss() {
-    let _serial = serial();
+    let _guard = exclusive();
     let nofile = raise_nofile_limit();
     assert!(
         nofile as usize > 2 * CONCURRENT + 200,
@@ -219,10 +213,10 @@ fn leftover_sockets(relay_port: u16, udp_ports: &std::collections::HashSet<u16>)
 
 #[test]
 fn churn_10000_associations_fds_and_rss_return() {
+    let _guard = exclusive();
     if skip_unless_ringsocks("churn_10000_associations_fds_and_rss_return") {
         return;
     }
-    let _serial = serial();
     raise_nofile_limit();
     let echo = UdpServer::start("127.0.0.1:0", true, 2, 16 << 20, false);
     let relay = Relay::start(&["--shards", "1"]);

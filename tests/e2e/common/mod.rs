@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+mod guard;
 mod proc;
+pub use guard::*;
 pub use proc::*;
 
 /// How long the relay gets to print its `listening` lines.
@@ -107,6 +109,7 @@ impl Relay {
     }
 
     fn try_start_wrapped(wrapper: &[&str], args: &[&str]) -> Result<Relay, StartFailure> {
+        assert_guarded();
         let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let listens = args.iter().filter(|a| **a == "--listen").count();
         if listens == 0 {
