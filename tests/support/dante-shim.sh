@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Test-harness validation only: make Dante's danted look like ringsocks' CLI/readiness
 # contract, so that the UDP ASSOCIATE tests can be checked against a reference server:
-#   RINGSOCKS_TEST_BIN=$PWD/tests/support/dante-shim.sh cargo test --release --test udp
+#   RINGSOCKS_TEST_BIN=$PWD/tests/support/dante-shim.sh cargo test --release --test e2e udp::
 # Supports --listen ADDR:PORT (127.0.0.1:0, 0.0.0.0:0, [::1]:0, [::]:0; PORT may be 0);
 # every other ringsocks flag is accepted and ignored. Dante gets a temporary danted.conf
 # with the internal side on the listen address, external sides on 127.0.0.1 and ::1, no

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A tiny authoritative-looking DNS server over UDP, for tests/udp.rs.
+"""A tiny authoritative-looking DNS server over UDP, for tests/e2e/udp.rs.
 
 Answers every A/IN query with one fixed address (TTL 60); any other query type gets an
 empty NOERROR answer. Prints "listening IP:PORT" once bound, then one line per query

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Runs inside a fresh network namespace (`unshare -n`), for tests/udp.rs: gives 127.0.0.77 a
+# Runs inside a fresh network namespace (`unshare -n`), for tests/e2e/udp.rs: gives 127.0.0.77 a
 # route MTU of 1,300 bytes, starts the relay, and has udp_gso.py send GSO bursts of 1,400-byte
 # datagrams to a target there. The kernel refuses GSO segments above the route MTU, so the
 # relay must fall back to one send per datagram (and say so in its debug log).

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Hold N idle SOCKS5 CONNECT tunnels through a relay, for tests/scale.rs.
+"""Hold N idle SOCKS5 CONNECT tunnels through a relay, for tests/e2e/scale.rs.
 
 Both ends of every tunnel (the client side and the target side) are spread over worker
 processes, so no process needs more than about N/PROCS descriptors: the machine's hard

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Test-harness validation only: make microsocks look like ringsocks' CLI/readiness
 # contract so the e2e harness can be exercised before the relay works:
-#   RINGSOCKS_TEST_BIN=$PWD/tests/support/microsocks-shim.sh cargo test --test curl
+#   RINGSOCKS_TEST_BIN=$PWD/tests/support/microsocks-shim.sh cargo test --test e2e curl::
 # Supports --listen 127.0.0.1:PORT (PORT may be 0), --user N:P, --users FILE
 # (refused if group/other readable); other ringsocks flags are accepted and ignored.
 set -euo pipefail

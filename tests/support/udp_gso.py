@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""UDP GSO bursts through a SOCKS5 relay's UDP ASSOCIATE, for tests/udp.rs.
+"""UDP GSO bursts through a SOCKS5 relay's UDP ASSOCIATE, for tests/e2e/udp.rs.
 
 A client that sends with UDP_SEGMENT hands the relay several datagrams in one receive (the relay
 turns UDP GRO on), and so does a target. These modes check that every datagram of such a burst

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""UDP ASSOCIATE through a SOCKS5 relay with PySocks, for tests/udp.rs.
+"""UDP ASSOCIATE through a SOCKS5 relay with PySocks, for tests/e2e/udp.rs.
 
 Every mode prints "OK ..." and exits 0 on success, or prints what went wrong and exits 1.
 Every wait is bounded (socket timeouts of a few seconds).

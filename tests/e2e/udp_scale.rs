@@ -1,19 +1,12 @@
 //! UDP ASSOCIATE at scale on one shard: 2,000 associations open at once exchanging
 //! datagrams with zero loss, and 10,000 associations opened and closed in batches with the
 //! relay's descriptors and memory back where they started.
-mod common;
 
-use common::*;
+use crate::common::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
-
-/// Both tests need many descriptors and the CPU: one at a time.
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 const CONCURRENT: usize = 2000;
 const WORKERS: usize = 8;
@@ -29,7 +22,7 @@ fn payload(id: usize, round: usize) -> Vec<u8> {
 
 #[test]
 fn concurrent_2000_associations_zero_loss() {
-    let _serial = serial();
+    let _guard = exclusive();
     let nofile = raise_nofile_limit();
     assert!(
         nofile as usize > 2 * CONCURRENT + 200,
@@ -209,21 +202,21 @@ fn churn_batch(relay: &Relay, echo: &UdpServer, b: usize) -> Vec<u16> {
 fn leftover_sockets(relay_port: u16, udp_ports: &std::collections::HashSet<u16>) -> (usize, usize) {
     let tcp = net_sockets("tcp")
         .into_iter()
-        .filter(|s| s.local_port == relay_port && s.state != 0x0A && s.state != 0x06)
+        .filter(|s| s.local.port() == relay_port && s.state != 0x0A && s.state != 0x06)
         .count();
     let udp = net_sockets("udp")
         .into_iter()
-        .filter(|s| udp_ports.contains(&s.local_port))
+        .filter(|s| udp_ports.contains(&s.local.port()))
         .count();
     (tcp, udp)
 }
 
 #[test]
 fn churn_10000_associations_fds_and_rss_return() {
+    let _guard = exclusive();
     if skip_unless_ringsocks("churn_10000_associations_fds_and_rss_return") {
         return;
     }
-    let _serial = serial();
     raise_nofile_limit();
     let echo = UdpServer::start("127.0.0.1:0", true, 2, 16 << 20, false);
     let relay = Relay::start(&["--shards", "1"]);

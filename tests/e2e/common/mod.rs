@@ -1,5 +1,5 @@
 //! Shared end-to-end helpers: spawn the real `ringsocks` binary on loopback,
-//! small std-thread servers (HTTP, echo, reply-after-EOF, hold, peer-reporting)
+//! small std-thread servers (HTTP, echo, reply-after-EOF, peer-reporting)
 //! and a hand-rolled SOCKS5 client for probes.
 //!
 //! Every address used here is loopback. Every loop is bounded in count or time.
@@ -7,12 +7,10 @@
 //! `RINGSOCKS_TEST_BIN` may point at another SOCKS5 server wrapper that speaks the
 //! same command-line/readiness contract (used to validate the harness itself, e.g.
 //! `tests/support/microsocks-shim.sh`); by default the cargo-built binary is used.
-#![allow(dead_code)]
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{
-    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs,
-    UdpSocket,
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -21,6 +19,11 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+mod guard;
+mod proc;
+pub use guard::*;
+pub use proc::*;
 
 /// How long the relay gets to print its `listening` lines.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,8 +46,6 @@ pub fn relay_bin() -> PathBuf {
 pub struct Relay {
     /// First `listening` address.
     pub addr: SocketAddr,
-    /// All `listening` addresses, in the order printed.
-    pub addrs: Vec<SocketAddr>,
     pub child: Child,
     stderr: Arc<Mutex<String>>,
     exited: Option<ExitStatus>,
@@ -108,6 +109,7 @@ impl Relay {
     }
 
     fn try_start_wrapped(wrapper: &[&str], args: &[&str]) -> Result<Relay, StartFailure> {
+        assert_guarded();
         let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let listens = args.iter().filter(|a| **a == "--listen").count();
         if listens == 0 {
@@ -180,7 +182,6 @@ impl Relay {
         if addrs.len() == expected {
             return Ok(Relay {
                 addr: addrs[0],
-                addrs,
                 child,
                 stderr,
                 exited: None,
@@ -329,8 +330,6 @@ pub struct Server {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
-    /// Peer addresses of accepted connections, in accept order.
-    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
     /// Number of accepted connections.
     pub accepted: Arc<AtomicUsize>,
 }
@@ -343,12 +342,10 @@ impl Server {
         let listener = TcpListener::bind(bind)?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
-        let peers = Arc::new(Mutex::new(Vec::new()));
         let accepted = Arc::new(AtomicUsize::new(0));
         let handler = Arc::new(handler);
         let handle = {
             let stop = stop.clone();
-            let peers = peers.clone();
             let accepted = accepted.clone();
             thread::spawn(move || {
                 for conn in listener.incoming() {
@@ -356,9 +353,6 @@ impl Server {
                         break;
                     }
                     let Ok(s) = conn else { continue };
-                    if let Ok(p) = s.peer_addr() {
-                        peers.lock().unwrap().push(p);
-                    }
                     accepted.fetch_add(1, Ordering::SeqCst);
                     let h = handler.clone();
                     let _ = thread::Builder::new()
@@ -371,7 +365,6 @@ impl Server {
             addr,
             stop,
             handle: Some(handle),
-            peers,
             accepted,
         })
     }
@@ -521,61 +514,6 @@ fn serve_http(mut s: TcpStream) {
     // Let the client read everything before the socket is dropped (avoids RST on unread data).
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = s.read(&mut buf);
-}
-
-/// Accepts and holds every connection (no threads per connection), for idle-scale tests.
-pub struct HoldServer {
-    pub addr: SocketAddr,
-    pub conns: Arc<Mutex<Vec<TcpStream>>>,
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl HoldServer {
-    pub fn start(bind: &str) -> HoldServer {
-        let listener = TcpListener::bind(bind).expect("bind hold server");
-        let addr = listener.local_addr().unwrap();
-        let conns = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let handle = {
-            let conns = conns.clone();
-            let stop = stop.clone();
-            thread::spawn(move || {
-                for c in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    match c {
-                        Ok(s) => conns.lock().unwrap().push(s),
-                        Err(e) => {
-                            eprintln!("hold server accept error: {e}");
-                            thread::sleep(Duration::from_millis(10));
-                        }
-                    }
-                }
-            })
-        };
-        HoldServer {
-            addr,
-            conns,
-            stop,
-            handle: Some(handle),
-        }
-    }
-
-    pub fn count(&self) -> usize {
-        self.conns.lock().unwrap().len()
-    }
-}
-
-impl Drop for HoldServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -914,11 +852,6 @@ pub fn curl_ok(relay: SocketAddr, url: &str) -> Vec<u8> {
     out.stdout
 }
 
-/// Resolve helper for tests that need it.
-pub fn resolve(s: &str) -> Vec<SocketAddr> {
-    s.to_socket_addrs().map(|i| i.collect()).unwrap_or_default()
-}
-
 /// The two forwarding modes every forwarding test runs under.
 pub const FORWARD_MODES: [&str; 3] = ["splice", "copy", "auto"];
 
@@ -946,6 +879,8 @@ pub fn skip_unless_ringsocks(test: &str) -> bool {
 
 /// Receive and send buffers of `bytes` on any socket: SO_RCVBUFFORCE/SO_SNDBUFFORCE
 /// (root), else the plain options (capped by rmem_max/wmem_max).
+// socket2 has no setter for the FORCE options; the crate's lints deny raw calls elsewhere.
+#[allow(unsafe_code)]
 pub fn set_socket_buffers<S: std::os::fd::AsRawFd>(s: &S, bytes: usize) {
     let fd = s.as_raw_fd();
     let v = bytes.min(i32::MAX as usize) as libc::c_int;
@@ -1255,18 +1190,6 @@ impl UdpServer {
             .map(|(_, d)| d.clone())
             .collect()
     }
-
-    /// Wait until at least `n` datagrams arrived; false at the deadline.
-    pub fn wait_for(&self, n: usize, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        while self.received() < n {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-        true
-    }
 }
 
 impl Drop for UdpServer {
@@ -1302,7 +1225,7 @@ pub fn close_with_rst(s: TcpStream) {
 }
 
 // ---------------------------------------------------------------------------
-// Relay logs and /proc figures
+// Relay logs
 // ---------------------------------------------------------------------------
 
 /// Wait until the relay's stderr has at least `n` lines containing `needle`; returns them
@@ -1338,21 +1261,6 @@ pub fn log_field(line: &str, key: &str) -> Option<u64> {
         rest = after;
     }
     None
-}
-
-/// VmRSS of a process in KiB (0 if unreadable).
-pub fn proc_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// Open file descriptors of a process (0 if unreadable).
-pub fn proc_fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
 /// Raise RLIMIT_NOFILE as far as allowed; returns the soft limit now in force.
@@ -1485,46 +1393,4 @@ impl Drop for Helper {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// One socket from /proc/net/{tcp,tcp6,udp,udp6} (this network namespace, all processes).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NetSocket {
-    /// Local address as in the file (hex, host byte order per 32-bit word).
-    pub local_hex: String,
-    pub local_port: u16,
-    pub remote_port: u16,
-    /// Kernel state number (TCP: 0x01 ESTABLISHED, 0x06 TIME_WAIT, 0x08 CLOSE_WAIT, 0x0A LISTEN).
-    pub state: u8,
-}
-
-/// Sockets of `proto` ("tcp" or "udp"), IPv4 and IPv6: how to see sockets that a process
-/// holds only in io_uring's fixed-file table (they are not in /proc/PID/fd).
-pub fn net_sockets(proto: &str) -> Vec<NetSocket> {
-    let mut v = Vec::new();
-    for file in [proto.to_string(), format!("{proto}6")] {
-        let text = std::fs::read_to_string(format!("/proc/net/{file}")).unwrap_or_default();
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 4 {
-                continue;
-            }
-            let split = |a: &str| -> Option<(String, u16)> {
-                let (ip, port) = a.split_once(':')?;
-                Some((ip.to_string(), u16::from_str_radix(port, 16).ok()?))
-            };
-            let (Some((local_hex, local_port)), Some((_, remote_port)), Ok(state)) =
-                (split(f[1]), split(f[2]), u8::from_str_radix(f[3], 16))
-            else {
-                continue;
-            };
-            v.push(NetSocket {
-                local_hex,
-                local_port,
-                remote_port,
-                state,
-            });
-        }
-    }
-    v
 }

@@ -1,7 +1,6 @@
 //! End-to-end: curl through the real relay over loopback.
-mod common;
 
-use common::*;
+use crate::common::*;
 use std::os::unix::fs::PermissionsExt;
 
 fn fetch_big_via(proxy_flag: &str, relay: std::net::SocketAddr, url: &str, extra: &[&str]) {
@@ -26,6 +25,7 @@ fn fetch_big_via(proxy_flag: &str, relay: std::net::SocketAddr, url: &str, extra
 
 #[test]
 fn curl_socks5_big_file_sha256_splice_and_copy() {
+    let _guard = shared();
     let http = http_server("127.0.0.1:0").unwrap();
     let url = format!("http://127.0.0.1:{}/big", http.port());
     for mode in FORWARD_MODES {
@@ -36,6 +36,7 @@ fn curl_socks5_big_file_sha256_splice_and_copy() {
 
 #[test]
 fn curl_socks5_big_file_with_busy_poll_splice_and_copy() {
+    let _guard = shared();
     // --busy-poll changes how a shard waits for completions; bytes must flow exactly as before,
     // including after the window lapses and the shard sleeps again.
     let http = http_server("127.0.0.1:0").unwrap();
@@ -50,6 +51,7 @@ fn curl_socks5_big_file_with_busy_poll_splice_and_copy() {
 
 #[test]
 fn curl_socks5_hostname_localhost_splice_and_copy() {
+    let _guard = shared();
     let (http, _v6) = http_server_localhost();
     let url = format!("http://localhost:{}/big", http.port());
     for mode in FORWARD_MODES {
@@ -60,6 +62,7 @@ fn curl_socks5_hostname_localhost_splice_and_copy() {
 
 #[test]
 fn curl_socks5_ipv6_target() {
+    let _guard = shared();
     let http = match http_server("[::1]:0") {
         Ok(h) => h,
         Err(e) => {
@@ -77,6 +80,7 @@ fn curl_socks5_ipv6_target() {
 
 #[test]
 fn curl_proxy_user_good_wrong_and_missing() {
+    let _guard = shared();
     let http = http_server("127.0.0.1:0").unwrap();
     let url = format!("http://127.0.0.1:{}/", http.port());
     let relay = Relay::start(&["--user", "alice:secret"]);
@@ -118,6 +122,7 @@ fn curl_proxy_user_good_wrong_and_missing() {
 
 #[test]
 fn users_file_mode_0600_works() {
+    let _guard = shared();
     let http = http_server("127.0.0.1:0").unwrap();
     let url = format!("http://127.0.0.1:{}/", http.port());
     let path = tmp_path("users-0600");
@@ -142,6 +147,7 @@ fn users_file_mode_0600_works() {
 
 #[test]
 fn users_file_mode_0644_is_refused() {
+    let _guard = shared();
     for mode in [0o644, 0o640, 0o604] {
         let path = tmp_path(&format!("users-{mode:o}"));
         std::fs::write(&path, "alice:secret\n").unwrap();

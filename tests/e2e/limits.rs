@@ -1,22 +1,13 @@
 //! Running out of file descriptors at accept: the relay logs, backs off without spinning, and
 //! serves again once descriptors are free. The relay runs under `prlimit --nofile=64`.
-mod common;
 
-use common::*;
+use crate::common::*;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("relay stat");
-    // Fields after the command name (which is in parentheses and may contain spaces).
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
 #[test]
 fn emfile_at_accept_backs_off_and_recovers() {
+    let _guard = exclusive();
     require_tool("prlimit");
     let http = http_server("127.0.0.1:0").unwrap();
     let relay = Relay::start_wrapped(
@@ -38,9 +29,9 @@ fn emfile_at_accept_backs_off_and_recovers() {
         relay.stderr()
     );
     // Backing off, not spinning: over 2 s the relay uses well under a core.
-    let t0 = cpu_ticks(relay.pid());
+    let t0 = proc_cpu_ticks(relay.pid());
     std::thread::sleep(Duration::from_secs(2));
-    let used = cpu_ticks(relay.pid()) - t0;
+    let used = proc_cpu_ticks(relay.pid()) - t0;
     assert!(
         used < 50,
         "relay used {used} ticks of CPU in 2 s while out of fds"

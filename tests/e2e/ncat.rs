@@ -5,9 +5,8 @@
 //! after stdin EOF without waiting for the reply. So the ncat test checks that ncat's data
 //! and FIN cross the relay (the server sees the line, then EOF), and the "reply after
 //! EOF must come back" half-close check is done with a raw `shutdown(Write)` client.
-mod common;
 
-use common::*;
+use crate::common::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::process::{Child, Command, Stdio};
@@ -43,6 +42,7 @@ fn stderr_of(child: &mut Child) -> String {
 
 #[test]
 fn ncat_echo_roundtrip_splice_and_copy() {
+    let _guard = shared();
     let echo = echo_server("127.0.0.1:0");
     for mode in FORWARD_MODES {
         let relay = Relay::start(&["--forward", mode]);
@@ -92,6 +92,7 @@ fn ncat_echo_roundtrip_splice_and_copy() {
 
 #[test]
 fn ncat_data_and_eof_cross_the_relay_splice_and_copy() {
+    let _guard = shared();
     let (srv, received) = reply_after_eof_server("127.0.0.1:0");
     for (i, mode) in FORWARD_MODES.iter().enumerate() {
         let relay = Relay::start(&["--forward", mode]);
@@ -132,6 +133,7 @@ fn raw_half_close(relay: SocketAddr, target: SocketAddr, payload: &[u8]) {
 
 #[test]
 fn raw_half_close_reply_after_eof_splice_and_copy() {
+    let _guard = shared();
     let (srv, _) = reply_after_eof_server("127.0.0.1:0");
     for mode in FORWARD_MODES {
         let relay = Relay::start(&["--forward", mode]);
@@ -145,6 +147,7 @@ fn raw_half_close_reply_after_eof_splice_and_copy() {
 
 #[test]
 fn raw_fin_propagates_both_ways_splice_and_copy() {
+    let _guard = shared();
     // Client FIN -> relay -> echo server, which then FINs back -> relay -> client EOF.
     let echo = echo_server("127.0.0.1:0");
     for mode in FORWARD_MODES {

@@ -7,9 +7,8 @@
 //! The generic tests also run against another server through `RINGSOCKS_TEST_BIN`
 //! (`tests/support/dante-shim.sh`); tests of ringsocks' own flags and log lines return
 //! early there (`skip_unless_ringsocks`).
-mod common;
 
-use common::*;
+use crate::common::*;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::Path;
@@ -109,6 +108,7 @@ fn pysocks(mode: &str, args: &[(&str, String)]) -> String {
 
 #[test]
 fn pysocks_echo() {
+    let _guard = shared();
     let relay = relay1(&[]);
     let echo = UdpServer::echo("127.0.0.1:0");
     pysocks(
@@ -123,6 +123,7 @@ fn pysocks_echo() {
 
 #[test]
 fn pysocks_dns_query_to_a_local_stub() {
+    let _guard = shared();
     let relay = relay1(&[]);
     let stub = Helper::start(
         &python_with_socks(),
@@ -159,6 +160,7 @@ fn pysocks_dns_query_to_a_local_stub() {
 
 #[test]
 fn pysocks_one_association_two_targets() {
+    let _guard = shared();
     let relay = relay1(&[]);
     let a = UdpServer::echo("127.0.0.1:0");
     let b = UdpServer::echo("127.0.0.2:0");
@@ -175,6 +177,7 @@ fn pysocks_one_association_two_targets() {
 
 #[test]
 fn pysocks_nothing_relayed_after_control_close() {
+    let _guard = shared();
     let relay = relay1(&[]);
     let echo = UdpServer::echo("127.0.0.1:0");
     pysocks(
@@ -197,6 +200,7 @@ fn pysocks_nothing_relayed_after_control_close() {
 
 #[test]
 fn associate_reply_bnd_is_usable() {
+    let _guard = shared();
     let relay = relay1(&[]);
     let echo = UdpServer::echo("127.0.0.1:0");
     // DST all zeros: the client does not know its endpoint yet.
@@ -214,6 +218,7 @@ fn associate_reply_bnd_is_usable() {
 
 #[test]
 fn third_party_source_is_not_relayed() {
+    let _guard = shared();
     let relay = relay1(&[]);
     let echo = UdpServer::echo("127.0.0.1:0");
     let a = UdpAssoc::open(relay.addr, "127.0.0.1:0");
@@ -245,6 +250,7 @@ fn third_party_source_is_not_relayed() {
 /// port that the client expects to use to send UDP datagrams") and drops everything else.
 #[test]
 fn dst_naming_the_target_works() {
+    let _guard = shared();
     if skip_unless_ringsocks("dst_naming_the_target_works") {
         return;
     }
@@ -259,6 +265,7 @@ fn dst_naming_the_target_works() {
 
 #[test]
 fn ipv6_client_and_ipv6_target() {
+    let _guard = shared();
     if !has_ipv6_loopback() {
         println!("note: no IPv6 loopback here; skipped");
         return;
@@ -275,6 +282,7 @@ fn ipv6_client_and_ipv6_target() {
 
 #[test]
 fn mixed_families_and_reply_atyp() {
+    let _guard = shared();
     if !has_ipv6_loopback() {
         println!("note: no IPv6 loopback here; skipped");
         return;
@@ -303,6 +311,7 @@ fn mixed_families_and_reply_atyp() {
 
 #[test]
 fn datagram_of_65000_bytes_both_ways() {
+    let _guard = shared();
     let relay = relay1(&[]);
     let echo = UdpServer::echo("127.0.0.1:0");
     let a = UdpAssoc::open(relay.addr, "127.0.0.1:0");
@@ -321,6 +330,7 @@ fn datagram_of_65000_bytes_both_ways() {
 
 #[test]
 fn malformed_headers_are_dropped_and_the_association_survives() {
+    let _guard = shared();
     let relay = relay1(&[]);
     let echo = UdpServer::echo("127.0.0.1:0");
     let a = UdpAssoc::open(relay.addr, "127.0.0.1:0");
@@ -401,6 +411,7 @@ fn udp_echo_localhost() -> (UdpServer, Option<UdpServer>) {
 
 #[test]
 fn domain_target_localhost() {
+    let _guard = shared();
     let relay = relay1(&[]);
     let (v4, v6) = udp_echo_localhost();
     let port = v4.port();
@@ -431,6 +442,7 @@ fn domain_target_localhost() {
 
 #[test]
 fn one_association_many_targets() {
+    let _guard = shared();
     let relay = relay1(&[]);
     let targets: Vec<UdpServer> = (1..=5)
         .map(|i| UdpServer::echo(&format!("127.0.0.{i}:0")))
@@ -466,6 +478,7 @@ fn one_association_many_targets() {
 
 #[test]
 fn control_bytes_are_ignored() {
+    let _guard = shared();
     let relay = relay1(&[]);
     let echo = UdpServer::echo("127.0.0.1:0");
     let mut a = UdpAssoc::open(relay.addr, "127.0.0.1:0");
@@ -512,6 +525,7 @@ fn associate_via(control: std::net::TcpStream, sock: UdpSocket) -> UdpAssoc {
 
 #[test]
 fn bnd_addr_is_the_control_connections_local_address_when_listening_on_any() {
+    let _guard = shared();
     let echo = UdpServer::echo("127.0.0.1:0");
     let relay = relay1(&["--listen", "0.0.0.0:0"]);
     let port = relay.addr.port();
@@ -538,6 +552,7 @@ fn bnd_addr_is_the_control_connections_local_address_when_listening_on_any() {
 
 #[test]
 fn udp_advertise_replaces_bnd_ip() {
+    let _guard = shared();
     if skip_unless_ringsocks("udp_advertise_replaces_bnd_ip") {
         return;
     }
@@ -559,6 +574,7 @@ fn udp_advertise_replaces_bnd_ip() {
 
 #[test]
 fn frag_three_fragments_are_reassembled() {
+    let _guard = shared();
     if skip_unless_ringsocks("frag_three_fragments_are_reassembled") {
         return;
     }
@@ -587,6 +603,7 @@ fn frag_three_fragments_are_reassembled() {
 
 #[test]
 fn frag_destination_is_the_first_fragments() {
+    let _guard = shared();
     if skip_unless_ringsocks("frag_destination_is_the_first_fragments") {
         return;
     }
@@ -605,6 +622,7 @@ fn frag_destination_is_the_first_fragments() {
 
 #[test]
 fn frag_missing_fragment_is_discarded_after_the_timer() {
+    let _guard = shared();
     if skip_unless_ringsocks("frag_missing_fragment_is_discarded_after_the_timer") {
         return;
     }
@@ -628,6 +646,7 @@ fn frag_missing_fragment_is_discarded_after_the_timer() {
 
 #[test]
 fn frag_gap_drops_and_lower_frag_restarts() {
+    let _guard = shared();
     if skip_unless_ringsocks("frag_gap_drops_and_lower_frag_restarts") {
         return;
     }
@@ -659,6 +678,7 @@ fn frag_gap_drops_and_lower_frag_restarts() {
 
 #[test]
 fn frag_drop_mode_drops_every_fragment() {
+    let _guard = shared();
     if skip_unless_ringsocks("frag_drop_mode_drops_every_fragment") {
         return;
     }
@@ -680,6 +700,7 @@ fn frag_drop_mode_drops_every_fragment() {
 
 #[test]
 fn udp_flags_are_validated() {
+    let _guard = shared();
     if skip_unless_ringsocks("udp_flags_are_validated") {
         return;
     }
@@ -761,6 +782,7 @@ fn strict_named(dst_ip: &str) {
 
 #[test]
 fn client_check_strict_dst_names_the_endpoint() {
+    let _guard = shared();
     if skip_unless_ringsocks("client_check_strict_dst_names_the_endpoint") {
         return;
     }
@@ -769,6 +791,7 @@ fn client_check_strict_dst_names_the_endpoint() {
 
 #[test]
 fn client_check_strict_unspecified_ip_with_port() {
+    let _guard = shared();
     if skip_unless_ringsocks("client_check_strict_unspecified_ip_with_port") {
         return;
     }
@@ -777,6 +800,7 @@ fn client_check_strict_unspecified_ip_with_port() {
 
 #[test]
 fn client_check_strict_zeros_first_datagram_fixes_the_endpoint() {
+    let _guard = shared();
     if skip_unless_ringsocks("client_check_strict_zeros_first_datagram_fixes_the_endpoint") {
         return;
     }
@@ -796,6 +820,7 @@ fn client_check_strict_zeros_first_datagram_fixes_the_endpoint() {
 
 #[test]
 fn client_check_first_ignores_dst() {
+    let _guard = shared();
     if skip_unless_ringsocks("client_check_first_ignores_dst") {
         return;
     }
@@ -814,6 +839,7 @@ fn client_check_first_ignores_dst() {
 
 #[test]
 fn client_check_peer_ip_accepts_any_port_and_replies_to_the_latest() {
+    let _guard = shared();
     if skip_unless_ringsocks("client_check_peer_ip_accepts_any_port_and_replies_to_the_latest") {
         return;
     }
@@ -835,6 +861,7 @@ fn client_check_peer_ip_accepts_any_port_and_replies_to_the_latest() {
 
 #[test]
 fn client_check_off_accepts_a_third_party() {
+    let _guard = shared();
     if skip_unless_ringsocks("client_check_off_accepts_a_third_party") {
         return;
     }
@@ -860,7 +887,7 @@ fn assert_udp_port_closed(relay_udp: SocketAddr, what: &str) {
     loop {
         let bound: Vec<NetSocket> = net_sockets("udp")
             .into_iter()
-            .filter(|s| s.local_port == relay_udp.port())
+            .filter(|s| s.local.port() == relay_udp.port())
             .collect();
         if bound.is_empty() {
             return;
@@ -907,16 +934,19 @@ fn control_end_stops_relaying(rst: bool) {
 
 #[test]
 fn control_eof_ends_the_association() {
+    let _guard = shared();
     control_end_stops_relaying(false);
 }
 
 #[test]
 fn control_rst_ends_the_association() {
+    let _guard = shared();
     control_end_stops_relaying(true);
 }
 
 #[test]
 fn idle_timeout_closes_the_control_connection() {
+    let _guard = shared();
     if skip_unless_ringsocks("idle_timeout_closes_the_control_connection") {
         return;
     }
@@ -957,6 +987,7 @@ fn idle_timeout_closes_the_control_connection() {
 
 #[test]
 fn association_without_traffic_ends_on_idle_timeout() {
+    let _guard = shared();
     if skip_unless_ringsocks("association_without_traffic_ends_on_idle_timeout") {
         return;
     }
@@ -987,6 +1018,7 @@ fn udp_gso(mode: &str, relay: SocketAddr, args: &[&str]) {
 /// and IPv4 headers mixed, fragments, 64 x 1,000 bytes).
 #[test]
 fn gso_bursts_from_the_client_are_relayed_datagram_by_datagram() {
+    let _guard = shared();
     let relay = relay1(&[]);
     udp_gso("client-burst", relay.addr, &[]);
 }
@@ -996,6 +1028,7 @@ fn gso_bursts_from_the_client_are_relayed_datagram_by_datagram() {
 /// headers are added).
 #[test]
 fn gso_bursts_from_a_target_reach_the_client_datagram_by_datagram() {
+    let _guard = shared();
     let relay = relay1(&[]);
     udp_gso("target-burst", relay.addr, &[]);
     if has_ipv6_loopback() {
@@ -1008,6 +1041,7 @@ fn gso_bursts_from_a_target_reach_the_client_datagram_by_datagram() {
 /// its own (root).
 #[test]
 fn gso_refused_by_the_route_falls_back_to_single_sends() {
+    let _guard = shared();
     if skip_unless_ringsocks("gso_refused_by_the_route_falls_back_to_single_sends") {
         return;
     }

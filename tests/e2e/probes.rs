@@ -1,8 +1,7 @@
 //! Raw-socket SOCKS5 probes against the real relay: error replies, closing after errors,
 //! fragmented and pipelined handshakes, garbage, handshake timeouts and BND.ADDR.
-mod common;
 
-use common::*;
+use crate::common::*;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::thread;
@@ -33,6 +32,7 @@ fn greet(s: &mut std::net::TcpStream, methods: &[u8]) -> [u8; 2] {
 
 #[test]
 fn rep_05_connection_refused_for_closed_port() {
+    let _guard = shared();
     let relay = Relay::start(&[]);
     let dead = closed_port();
     let rep = probe_rep(
@@ -45,6 +45,7 @@ fn rep_05_connection_refused_for_closed_port() {
 
 #[test]
 fn rep_07_for_unknown_command_0x09() {
+    let _guard = shared();
     let relay = Relay::start(&[]);
     let echo = echo_server("127.0.0.1:0");
     let rep = probe_rep(relay.addr, &request(0x09, &echo.addr.into()), "cmd 0x09");
@@ -55,6 +56,7 @@ fn rep_07_for_unknown_command_0x09() {
 // BIND is not implemented yet: update this when it is.
 #[test]
 fn rep_07_for_bind_until_implemented() {
+    let _guard = shared();
     let relay = Relay::start(&[]);
     let echo = echo_server("127.0.0.1:0");
     let rep = probe_rep(relay.addr, &request(CMD_BIND, &echo.addr.into()), "BIND");
@@ -63,6 +65,7 @@ fn rep_07_for_bind_until_implemented() {
 
 #[test]
 fn udp_associate_gets_rep_00_and_a_usable_bnd() {
+    let _guard = shared();
     let relay = Relay::start(&["--shards", "1"]);
     let echo = UdpServer::echo("127.0.0.1:0");
     let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
@@ -90,6 +93,7 @@ fn udp_associate_gets_rep_00_and_a_usable_bnd() {
 
 #[test]
 fn rep_08_for_atyp_0x02() {
+    let _guard = shared();
     let relay = Relay::start(&[]);
     // 05 01 00 02 + four address-ish bytes + port: the relay must answer at ATYP.
     let req = [0x05, 0x01, 0x00, 0x02, 127, 0, 0, 1, 0x1f, 0x90];
@@ -99,6 +103,7 @@ fn rep_08_for_atyp_0x02() {
 
 #[test]
 fn no_acceptable_method_for_gssapi_only() {
+    let _guard = shared();
     let relay = Relay::start(&[]);
     let mut s = connect(relay.addr);
     let m = greet(&mut s, &[0x01]);
@@ -108,6 +113,7 @@ fn no_acceptable_method_for_gssapi_only() {
 
 #[test]
 fn no_acceptable_method_for_no_auth_when_users_configured() {
+    let _guard = shared();
     let relay = Relay::start(&["--user", "alice:secret"]);
     let mut s = connect(relay.addr);
     let m = greet(&mut s, &[0x00]);
@@ -117,6 +123,7 @@ fn no_acceptable_method_for_no_auth_when_users_configured() {
 
 #[test]
 fn wrong_password_gets_01_01_and_close() {
+    let _guard = shared();
     let relay = Relay::start(&["--user", "alice:secret"]);
     let mut s = connect(relay.addr);
     let m = greet(&mut s, &[0x02]);
@@ -141,6 +148,7 @@ fn wrong_password_gets_01_01_and_close() {
 
 #[test]
 fn rep_04_for_unresolvable_domain() {
+    let _guard = shared();
     let relay = Relay::start(&[]);
     let rep = probe_rep(
         relay.addr,
@@ -155,6 +163,7 @@ fn rep_04_for_unresolvable_domain() {
 
 #[test]
 fn connect_by_domain_localhost_and_ipv6() {
+    let _guard = shared();
     let relay = Relay::start(&[]);
     let echo = echo_server("127.0.0.1:0");
     let s = socks_connect(relay.addr, Target::Domain("localhost".into(), echo.port()));
@@ -169,6 +178,7 @@ fn connect_by_domain_localhost_and_ipv6() {
 
 #[test]
 fn handshake_byte_by_byte_then_data_flows() {
+    let _guard = shared();
     let echo = echo_server("127.0.0.1:0");
     for mode in FORWARD_MODES {
         let relay = Relay::start(&["--forward", mode]);
@@ -196,6 +206,7 @@ fn handshake_byte_by_byte_then_data_flows() {
 
 #[test]
 fn handshake_byte_by_byte_with_auth() {
+    let _guard = shared();
     let relay = Relay::start(&["--user", "alice:secret"]);
     let echo = echo_server("127.0.0.1:0");
     let mut s = connect(relay.addr);
@@ -217,6 +228,7 @@ fn handshake_byte_by_byte_with_auth() {
 
 #[test]
 fn pipelined_handshake_and_early_payload_in_one_write() {
+    let _guard = shared();
     let echo = echo_server("127.0.0.1:0");
     for mode in FORWARD_MODES {
         let relay = Relay::start(&["--forward", mode]);
@@ -241,6 +253,7 @@ fn pipelined_handshake_and_early_payload_in_one_write() {
 
 #[test]
 fn pipelined_auth_handshake_in_one_write() {
+    let _guard = shared();
     let relay = Relay::start(&["--user", "alice:secret"]);
     let echo = echo_server("127.0.0.1:0");
     let mut s = connect(relay.addr);
@@ -276,6 +289,7 @@ fn garbage_is_rejected(relay: SocketAddr, garbage: &[u8], what: &str) {
 
 #[test]
 fn garbage_is_answered_and_closed_then_relay_still_works() {
+    let _guard = shared();
     let http = http_server("127.0.0.1:0").unwrap();
     let url = format!("http://127.0.0.1:{}/", http.port());
     let relay = Relay::start(&["--handshake-timeout", "2s"]);
@@ -331,6 +345,7 @@ fn assert_closed_by_handshake_timeout(mut s: TcpStream, start: Instant, what: &s
 
 #[test]
 fn silent_client_closed_by_handshake_timeout() {
+    let _guard = shared();
     let relay = Relay::start(&["--handshake-timeout", "1s"]);
     let start = Instant::now();
     let s = connect(relay.addr);
@@ -339,6 +354,7 @@ fn silent_client_closed_by_handshake_timeout() {
 
 #[test]
 fn half_handshake_closed_by_handshake_timeout() {
+    let _guard = shared();
     let relay = Relay::start(&["--handshake-timeout", "1s"]);
     // Greeting only.
     let start = Instant::now();
@@ -361,6 +377,7 @@ fn half_handshake_closed_by_handshake_timeout() {
 
 #[test]
 fn handshake_timeout_does_not_cut_established_tunnels() {
+    let _guard = shared();
     let echo = echo_server("127.0.0.1:0");
     let relay = Relay::start(&["--handshake-timeout", "1s"]);
     let s = socks_connect(relay.addr, echo.addr);
@@ -370,6 +387,7 @@ fn handshake_timeout_does_not_cut_established_tunnels() {
 
 #[test]
 fn bnd_addr_is_the_relays_outbound_local_address() {
+    let _guard = shared();
     let srv = peer_server("127.0.0.1:0");
     for mode in FORWARD_MODES {
         let relay = Relay::start(&["--forward", mode]);

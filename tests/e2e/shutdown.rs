@@ -1,7 +1,6 @@
 //! Graceful shutdown: SIGTERM/SIGINT stop accepting, drain, exit 0.
-mod common;
 
-use common::*;
+use crate::common::*;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::thread;
@@ -21,6 +20,7 @@ fn wait_refused(addr: SocketAddr, within: Duration) -> bool {
 
 #[test]
 fn sigterm_stops_accepting_drains_then_exits_zero() {
+    let _guard = exclusive();
     let echo = echo_server("127.0.0.1:0");
     let mut relay = Relay::start(&["--drain-timeout", "2s"]);
     let mut s = socks_connect(relay.addr, echo.addr);
@@ -56,6 +56,7 @@ fn sigterm_stops_accepting_drains_then_exits_zero() {
 
 #[test]
 fn sigterm_exits_as_soon_as_last_tunnel_closes() {
+    let _guard = exclusive();
     let echo = echo_server("127.0.0.1:0");
     let mut relay = Relay::start(&["--drain-timeout", "10s"]);
     let s = socks_connect(relay.addr, echo.addr);
@@ -74,6 +75,7 @@ fn sigterm_exits_as_soon_as_last_tunnel_closes() {
 
 #[test]
 fn sigint_when_idle_exits_zero_promptly() {
+    let _guard = exclusive();
     let mut relay = Relay::start(&["--drain-timeout", "10s"]);
     let t = Instant::now();
     relay.signal("INT");

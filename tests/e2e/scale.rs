@@ -3,31 +3,14 @@
 //!
 //! `RINGSOCKS_SCALE_IDLE` overrides the idle count (default 20000), only for harness runs
 //! against other servers.
-mod common;
 
-use common::*;
-use rlimit::Resource;
+use crate::common::*;
 use std::io::{self, BufRead, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
-
-/// The scale tests share this process's file descriptor budget: run them one at a time.
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn raise_nofile() -> u64 {
-    let want = 1u64 << 20;
-    if rlimit::setrlimit(Resource::NOFILE, want, want).is_err() {
-        let (_, hard) = rlimit::getrlimit(Resource::NOFILE).unwrap();
-        let _ = rlimit::setrlimit(Resource::NOFILE, hard, hard);
-    }
-    rlimit::getrlimit(Resource::NOFILE).unwrap().0
-}
 
 const THREADS: usize = 50;
 const PER_THREAD: usize = 20;
@@ -41,8 +24,7 @@ fn conn_len(id: usize) -> usize {
 }
 
 fn concurrent_busy(mode: &str) {
-    let _serial = serial();
-    raise_nofile();
+    raise_nofile_limit();
     let echo = echo_server("127.0.0.1:0");
     let relay = Relay::start(&["--forward", mode]);
     let ready = Arc::new(AtomicUsize::new(0));
@@ -146,18 +128,19 @@ fn concurrent_busy(mode: &str) {
 
 #[test]
 fn concurrent_1000_busy_tunnels_splice() {
+    let _guard = exclusive();
     concurrent_busy("splice");
 }
 
 #[test]
 fn concurrent_1000_busy_tunnels_copy() {
+    let _guard = exclusive();
     concurrent_busy("copy");
 }
 
 #[test]
 fn idle_20000_tunnels_then_curl_then_close_splice_and_copy() {
-    // Sequential: two at once would not fit in the file descriptor limit.
-    let _serial = serial();
+    let _guard = exclusive();
     for mode in FORWARD_MODES {
         idle_tunnels(mode);
     }
@@ -171,7 +154,7 @@ fn idle_tunnels(mode: &str) {
     require_tool("python3");
     let http = http_server("127.0.0.1:0").unwrap();
     let relay = Relay::start(&["--forward", mode]);
-    let (rss0, fds0) = (proc_rss_kib(relay.pid()), relay_fds(relay.pid()));
+    let (rss0, fds0) = (proc_rss_kib(relay.pid()), proc_fd_count(relay.pid()));
     let start = Instant::now();
     // Both ends of every tunnel live in helper processes: this machine's hard RLIMIT_NOFILE
     // (20,000, not raisable without CAP_SYS_RESOURCE) is too small for one process to hold
@@ -216,7 +199,7 @@ fn idle_tunnels(mode: &str) {
         "[{mode}] relay stderr:\n{}",
         relay.stderr()
     );
-    let (rss1, fds1) = (proc_rss_kib(relay.pid()), relay_fds(relay.pid()));
+    let (rss1, fds1) = (proc_rss_kib(relay.pid()), proc_fd_count(relay.pid()));
     println!(
         "[{mode}] {n} idle tunnels open after {:?}: relay RSS {rss0} -> {rss1} KiB ({} B per tunnel), fds {fds0} -> {fds1}",
         start.elapsed(),
@@ -256,8 +239,4 @@ fn idle_tunnels(mode: &str) {
         curl_ok(relay.addr, &format!("http://127.0.0.1:{}/", http.port())),
         b"hello\n"
     );
-}
-
-fn relay_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }

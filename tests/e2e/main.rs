@@ -1,0 +1,16 @@
+//! End-to-end tests: the real `ringsocks` binary over loopback, driven by curl, ncat,
+//! PySocks and raw sockets. One test binary, one module per area; `common` holds the shared
+//! harness (the relay process, servers, a raw SOCKS5 client).
+//!
+//! `cargo test --release --test e2e MODULE::` runs one area, e.g. `udp::` or `scale::`.
+
+mod common;
+
+mod curl;
+mod limits;
+mod ncat;
+mod probes;
+mod scale;
+mod shutdown;
+mod udp;
+mod udp_scale;
