@@ -112,7 +112,7 @@ pub fn run(a: &Args) -> Result<()> {
                     .pop()
                     .expect("one socket");
                 t.push(s.local_addr()?);
-                echoes.push(Some(UdpEcho::new(s)));
+                echoes.push(Some(UdpEcho::new(s, false)));
             }
             t
         }
