@@ -359,6 +359,7 @@ impl Shard {
             for owner in expired.drain(..) {
                 self.on_timer(owner);
             }
+            self.flush_datagrams();
             self.env.ring.publish_buffers();
             self.rearm_starved();
             self.env
@@ -373,6 +374,15 @@ impl Shard {
         }
         info!(shard = self.id, "shard stopped");
         Ok(())
+    }
+
+    /// Sends the single datagrams that associations gathered during this turn, in batches.
+    fn flush_datagrams(&mut self) {
+        while !self.env.state.udp_flush.is_empty() {
+            for id in std::mem::take(&mut self.env.state.udp_flush) {
+                self.conns.with(&mut self.env, id, |c, cx| c.flush_udp(cx));
+            }
+        }
     }
 
     /// Re-arms receives that found their buffer pool empty, as many as there are free

@@ -68,6 +68,9 @@ pub(crate) struct ShardState {
     pub udp_starved: Vec<(ConnId, Side)>,
     /// Bytes held by fragment reassembly queues on this shard.
     pub frag_bytes: usize,
+    /// Associations holding single datagrams to send as batches at the end of the turn
+    /// (`Conn::flush_udp`).
+    pub udp_flush: Vec<ConnId>,
 }
 
 /// Everything a connection's handlers may use: the engine, the configuration, the time of

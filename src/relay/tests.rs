@@ -189,6 +189,15 @@ impl H {
         let (id, op) = token::decode(c.owner).expect("a relay owner word");
         assert_eq!(id, ID);
         self.with(|conn, cx| conn.on_completion(cx, op, c));
+        self.end_turn();
+    }
+
+    /// What the server does at the end of a loop turn: send the datagrams gathered in it.
+    fn end_turn(&mut self) {
+        for id in std::mem::take(&mut self.shard.udp_flush) {
+            assert_eq!(id, ID);
+            self.with(|c, cx| c.flush_udp(cx));
+        }
     }
 
     /// Completes op `id` with `res` (a send's byte count, a connect's 0 or -errno...).
@@ -1315,5 +1324,42 @@ fn udp_enobufs_goes_to_udp_starved_and_rearm_restarts_it() {
     assert!(h.shard.udp_starved.is_empty());
     h.udp_recv(csock);
     h.close_and_finish();
+    h.assert_buffers_back();
+}
+
+#[test]
+fn udp_single_datagrams_of_one_turn_leave_as_one_gso_send_per_destination() {
+    let mut h = H::new(&[]);
+    let (csock, tsock) = h.associate();
+    let recv = h.udp_recv(csock);
+    let (a, b) = (sa("192.0.2.7:53"), sa("192.0.2.8:53"));
+    // Four datagrams arrive in one loop turn, each in its own receive (a client that sends
+    // datagram by datagram): three to `a` (the last shorter), then one to `b`.
+    for (dst, payload) in [(a, &b"one."[..]), (a, b"two."), (a, b"3"), (b, b"four")] {
+        let c = h
+            .fake
+            .deliver_datagram(recv, sa(UCLIENT), &datagram(Addr::Ip(dst), payload), 0);
+        let (_, op) = token::decode(c.owner).unwrap();
+        h.with(|conn, cx| conn.on_completion(cx, op, c));
+    }
+    assert!(
+        h.udp_sent(tsock).is_none(),
+        "nothing leaves before the turn ends"
+    );
+    h.end_turn();
+    let (send_a, bytes, dest, gso) = h.udp_sent(tsock).expect("the run to a");
+    assert_eq!(
+        (bytes.as_slice(), dest, gso),
+        (&b"one.two.3"[..], to_dual_stack(a), 4),
+        "one GSO send of 4-byte segments, the last shorter"
+    );
+    h.complete(send_a, 9);
+    let (send_b, bytes, dest, gso) = h.udp_sent(tsock).expect("the one to b");
+    assert_eq!(
+        (bytes.as_slice(), dest, gso),
+        (&b"four"[..], to_dual_stack(b), 0)
+    );
+    h.complete(send_b, 4);
+    assert_eq!(h.stage_stats().relayed_out, 4, "counted per datagram");
     h.assert_buffers_back();
 }

@@ -28,7 +28,9 @@ use super::super::token::{ConnId, Op, Side, ARG_MAX};
 use super::super::Ctx;
 use crate::dns::{Addrs, ResolveError};
 use crate::proto::udp_assoc::{ClientCheck, ClientFilter, FragStep, Reassembler};
-use crate::proto::udp_burst::{insert_reply_headers, strip_client_burst, Aside, Run};
+use crate::proto::udp_burst::{
+    insert_reply_headers, strip_client_burst, Aside, Run, GSO_MAX_BYTES, GSO_MAX_SEGMENTS,
+};
 use crate::proto::Addr;
 use crate::uring::recvmsg::{RecvMsg, PAYLOAD_OFF};
 use crate::uring::sockaddr::to_dual_stack;
@@ -59,6 +61,15 @@ pub(crate) struct Stats {
     pub dropped_other: u64,
 }
 
+/// A single datagram waiting for the end of the loop turn, when it leaves with the others to
+/// the same destination (one GSO send for a run of equal sizes).
+struct Single {
+    buf: PBuf,
+    off: u32,
+    end: u32,
+    dst: SocketAddr,
+}
+
 /// Datagrams waiting for one name to resolve.
 struct PendingName {
     id: u16,
@@ -84,6 +95,8 @@ pub(crate) struct Assoc {
     gso_limit: [u32; 2],
     /// Scratch for the runs of one receive (kept to avoid allocating per receive).
     runs: Vec<Run>,
+    /// Per socket: single datagrams received this turn, sent at its end (`flush`).
+    singles: [Vec<Single>; 2],
     pub stats: Stats,
     /// The last datagram from the client or to it (idle timeout).
     pub last_active: Instant,
@@ -139,6 +152,7 @@ impl Assoc {
             next_pending_id: 0,
             gso_limit: [u32::MAX; 2],
             runs: Vec::new(),
+            singles: [Vec::new(), Vec::new()],
             stats: Stats::default(),
             last_active: now,
             bnd,
@@ -205,6 +219,10 @@ impl Assoc {
         }
         cx.shard.frag_bytes -= self.reasm.held();
         self.stats.dropped_frag += u64::from(self.reasm.reset());
+        for s in &mut self.singles {
+            self.stats.dropped_other += s.len() as u64;
+            s.clear();
+        }
         for p in self.pending.drain(..) {
             self.stats.dropped_other += p.held.len() as u64;
         }
@@ -415,6 +433,24 @@ impl Assoc {
         buf: PBuf,
         runs: &[Run],
     ) {
+        if let [r] = runs {
+            if r.count == 1 {
+                // A datagram that came alone: it waits for the end of the turn, when the
+                // others that came alone to the same destination leave with it.
+                if self.singles.iter().all(Vec::is_empty) {
+                    cx.shard.udp_flush.push(self.id);
+                }
+                self.singles[side.index()].push(Single {
+                    buf,
+                    off: r.off,
+                    end: r.end,
+                    dst: r.dst,
+                });
+                return;
+            }
+        }
+        // Datagrams keep their order: what waits goes first.
+        self.flush_side(cx, inflight, side);
         let limit = self.gso_limit[side.index()];
         let owner = self.id.owner(Op::UdpSend(side));
         let sock = match side {
@@ -438,6 +474,64 @@ impl Assoc {
             }
         }
         // `buf` drops here; the sends hold the buffer until they complete.
+    }
+
+    /// Sends the single datagrams of this turn: each run of equal sizes (the last may be
+    /// shorter) to one destination is copied behind the first datagram of the run, in its
+    /// buffer, and leaves as one GSO send; the kernel splits it again after one pass through
+    /// the stack. The receiver sees the same datagrams in the same order.
+    pub(crate) fn flush<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, inflight: &mut u32) {
+        self.flush_side(cx, inflight, Side::Client);
+        self.flush_side(cx, inflight, Side::Target);
+    }
+
+    fn flush_side<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, inflight: &mut u32, side: Side) {
+        let singles = std::mem::take(&mut self.singles[side.index()]);
+        if singles.is_empty() {
+            return;
+        }
+        let limit = self.gso_limit[side.index()];
+        let owner = self.id.owner(Op::UdpSend(side));
+        let sock = match side {
+            Side::Client => &self.csock,
+            Side::Target => &self.tsock,
+        };
+        let mut rest = singles.into_iter().peekable();
+        while let Some(mut first) = rest.next() {
+            let seg = first.end - first.off;
+            let mut end = first.end;
+            let mut count = 1u32;
+            if seg > 0 && seg <= limit {
+                if let Some(room) = first.buf.bytes_mut() {
+                    while let Some(next) = rest.peek() {
+                        let len = next.end - next.off;
+                        let fits = next.dst == first.dst
+                            && len > 0
+                            && len <= seg
+                            && count < GSO_MAX_SEGMENTS
+                            && end - first.off + len <= GSO_MAX_BYTES
+                            && (end + len) as usize <= room.len();
+                        if !fits {
+                            break;
+                        }
+                        let next = rest.next().expect("peeked");
+                        room[end as usize..(end + len) as usize].copy_from_slice(
+                            &next.buf.bytes()[next.off as usize..next.end as usize],
+                        );
+                        end += len;
+                        count += 1;
+                        if len < seg {
+                            // Only the last segment of a GSO send may be shorter.
+                            break;
+                        }
+                    }
+                }
+            }
+            let gso = if count > 1 { seg as u16 } else { 0 };
+            *inflight += 1;
+            cx.io
+                .send_buf_to(sock, first.buf, first.off, end, first.dst, gso, owner);
+        }
     }
 
     fn on_send<E: Engine>(
@@ -512,6 +606,7 @@ impl Assoc {
             self.stats.dropped_other += 1;
             return;
         };
+        self.flush_side(cx, inflight, Side::Target);
         *inflight += 1;
         let owner = self.id.owner(Op::UdpSend(Side::Target));
         cx.io.send_to(&self.tsock, payload, dst, owner);

@@ -175,6 +175,19 @@ impl Conn {
         }
     }
 
+    /// The end of a loop turn: send the single datagrams the association gathered.
+    pub(crate) fn flush_udp<E: Engine>(&mut self, cx: &mut Ctx<'_, E>) {
+        if self.is_closing() {
+            return;
+        }
+        let Conn {
+            stage, inflight, ..
+        } = self;
+        if let Stage::Association(a) = stage {
+            a.assoc.flush(cx, inflight);
+        }
+    }
+
     /// Re-arms a receive of the association that ran out of buffers.
     pub(crate) fn rearm_udp<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, side: crate::relay::Side) {
         if self.is_closing() {
