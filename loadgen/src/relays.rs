@@ -141,7 +141,7 @@ impl Kind {
             if Path::new(path).exists() {
                 Ok(PathBuf::from(path))
             } else {
-                Err(format!("not installed ({path}; apt-get install {package})"))
+                Err(format!("{path} not installed; apt-get install {package}"))
             }
         };
         let from_env = |var: &str| peer_from_env(var, std::env::var_os(var));

@@ -80,11 +80,9 @@ impl CrossCheck {
             return CrossCheck::NotInSuite;
         }
         let check = match (which("iperf3"), which("proxychains4")) {
-            (None, _) => {
-                CrossCheck::Skipped("iperf3 not installed (apt-get install iperf3)".into())
-            }
+            (None, _) => CrossCheck::Skipped("iperf3 not installed; apt-get install iperf3".into()),
             (_, None) => CrossCheck::Skipped(
-                "proxychains4 not installed (apt-get install proxychains4)".into(),
+                "proxychains4 not installed; apt-get install proxychains4".into(),
             ),
             (Some(iperf3), Some(proxychains)) => {
                 match Iperf::start(iperf3, proxychains, load_cpu) {
