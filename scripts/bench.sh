@@ -10,7 +10,8 @@
 #   scripts/bench.sh --suite ci            # short suite (CI): 2 s per measurement (~3 min); no 3proxy,
 #                                          # hev nor iperf3
 #   scripts/bench.sh --suite udp           # UDP ASSOCIATE: ringsocks, direct, Dante, 3proxy, hev;
-#                                          # 64/1400 B over 1, 8, 2000 associations, 3 s each (~6 min)
+#                                          # 64/1400 B over 1, 8, 2000 associations, 512 B plain over
+#                                          # 1 and 8, 3 s each (~7.5 min)
 #   scripts/bench.sh --reps 5 --system ringsocks-splice --system direct
 #
 # Writes results/<date>-<suite>.json, results/<suite>.svg and the suite's block of the generated

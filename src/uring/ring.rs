@@ -154,6 +154,9 @@ pub(crate) struct Ring {
     slots: Vec<OpSlot>,
     free: Vec<u32>,
     in_flight: usize,
+    /// Completions reaped early (to make room in a busy ring) or of ops the kernel refused,
+    /// handed out by the next `reap`.
+    aside: Vec<Completion>,
     pools: Vec<Rc<BufPool>>,
     files: FileTable,
     pipes: PipePool,
@@ -199,6 +202,7 @@ impl Ring {
                         slots: Vec::with_capacity(1024),
                         free: Vec::with_capacity(1024),
                         in_flight: 0,
+                        aside: Vec::new(),
                         pools: Vec::new(),
                         files,
                         pipes: PipePool::new(spec.pipes_idle, spec.pipe_size),
@@ -270,6 +274,12 @@ impl Ring {
 
     /// Pushes one SQE, flushing the submission queue to the kernel when it is full.
     ///
+    /// When the kernel is busy (`EBUSY`: its completion queue is backed up), completions are
+    /// moved aside (handed out by the next [`Ring::reap`]) to make room, and the push retried.
+    /// When the kernel refuses the submission for any other reason, the op fails instead of
+    /// the shard: it completes at the next `reap` with that error and its memory, like an op
+    /// the kernel failed.
+    ///
     /// # Safety
     /// Every pointer in `sqe` must stay valid until the op's final completion. Callers in this
     /// file guarantee that by pointing only into memory moved into the op slot (heap memory,
@@ -281,11 +291,48 @@ impl Ring {
                 return;
             }
             // The SQ is full: hand what is queued to the kernel and try again.
-            if let Err(e) = self.ring.submit() {
-                if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR) {
-                    panic!("io_uring submit failed: {e}");
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    let mut aside = std::mem::take(&mut self.aside);
+                    let before = aside.len();
+                    self.reap_cq(&mut aside);
+                    let moved = aside.len() > before;
+                    self.aside = aside;
+                    if !moved {
+                        // Nothing to reap yet: wait for one completion rather than spin.
+                        let _ = self.ring.submit_and_wait(1);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "io_uring refused a submission; failing the op");
+                    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                    self.fail_unsubmitted(sqe.get_user_data(), errno);
+                    return;
                 }
             }
+        }
+    }
+
+    /// An op that never reached the kernel: its slot completes now (at the next `reap`) with
+    /// `-errno`, handing back its memory.
+    fn fail_unsubmitted(&mut self, ud: u64, errno: i32) {
+        let idx = slot_index(ud);
+        let slot = &mut self.slots[idx];
+        let mem = std::mem::take(&mut slot.mem);
+        let waiter = slot.waiter;
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(idx as u32);
+        self.in_flight -= 1;
+        if let Waiter::Owner(owner) = waiter {
+            let data = Self::returned(mem, -errno, None, None);
+            self.aside.push(Completion {
+                owner,
+                res: -errno,
+                more: false,
+                data,
+            });
         }
     }
 
@@ -410,6 +457,8 @@ impl Ring {
 
     /// Submits everything queued and waits for at least `want` completions.
     pub(crate) fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
+        // Completions set aside are ready now: submit without sleeping.
+        let want = if self.aside.is_empty() { want } else { 0 };
         match self.ring.submit_and_wait(want) {
             Ok(_) => Ok(()),
             Err(e)
@@ -446,13 +495,55 @@ impl Ring {
 
     /// True if completions are waiting to be reaped.
     pub(crate) fn has_completions(&mut self) -> bool {
+        if !self.aside.is_empty() {
+            return true;
+        }
         let mut cq = self.ring.completion();
         cq.sync();
         !cq.is_empty()
     }
 
-    /// Moves every available completion into `out`, releasing finished op slots.
+    /// Moves every available completion into `out` (those set aside first), releasing
+    /// finished op slots.
     pub(crate) fn reap(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.aside);
+        self.reap_cq(out);
+    }
+
+    /// The memory an op hands back, as the owner sees it.
+    fn returned(mem: OpMem, res: i32, picked: Option<PBuf>, accepted: Option<OwnedFd>) -> Data {
+        match (picked, accepted, mem) {
+            (Some(buf), _, _) => Data::Picked(buf),
+            (None, Some(fd), _) => Data::Accepted(fd),
+            (None, None, OpMem::Buf { mut buf, off }) => {
+                buf.truncate(off + res.max(0) as usize);
+                Data::Buf { buf, off }
+            }
+            (None, None, OpMem::Pbuf { buf, off, end }) => Data::Pbuf { buf, off, end },
+            (
+                None,
+                None,
+                OpMem::PbufMsg {
+                    buf,
+                    off,
+                    end,
+                    gso,
+                    dest,
+                },
+            ) => Data::PbufMsg {
+                buf,
+                off,
+                end,
+                gso,
+                dest,
+            },
+            (None, None, OpMem::BufTo { buf, .. }) => Data::Datagram(buf),
+            _ => Data::None,
+        }
+    }
+
+    /// Moves the kernel's completions into `out`.
+    fn reap_cq(&mut self, out: &mut Vec<Completion>) {
         let mut cq = self.ring.completion();
         cq.sync();
         for cqe in &mut cq {
@@ -486,38 +577,11 @@ impl Ring {
             let Waiter::Owner(owner) = waiter else {
                 continue;
             };
-            let data = match (picked, mem) {
-                (Some(buf), _) => Data::Picked(buf),
-                (None, _) if accepted.is_some() => Data::Accepted(accepted.expect("checked")),
-                (None, OpMem::Buf { mut buf, off }) => {
-                    buf.truncate(off + res.max(0) as usize);
-                    Data::Buf { buf, off }
-                }
-                (None, OpMem::Pbuf { buf, off, end }) => Data::Pbuf { buf, off, end },
-                (
-                    None,
-                    OpMem::PbufMsg {
-                        buf,
-                        off,
-                        end,
-                        gso,
-                        dest,
-                    },
-                ) => Data::PbufMsg {
-                    buf,
-                    off,
-                    end,
-                    gso,
-                    dest,
-                },
-                (None, OpMem::BufTo { buf, .. }) => Data::Datagram(buf),
-                _ => Data::None,
-            };
             out.push(Completion {
                 owner,
                 res,
                 more,
-                data,
+                data: Self::returned(mem, res, picked, accepted),
             });
         }
     }

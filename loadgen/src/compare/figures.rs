@@ -209,13 +209,15 @@ pub const UDP_METRICS: [(&str, &str); 5] = [
     ("cpu_us", "Relay CPU per datagram (CPU-µs)"),
 ];
 
-pub const UDP_FIGURES: [Figure; 30] = udp_figures!(
+pub const UDP_FIGURES: [Figure; 40] = udp_figures!(
     Udp64x1 => "udp64x1",
     Udp64x8 => "udp64x8",
     Udp64x2000 => "udp64x2000",
     Udp1400x1 => "udp1400x1",
     Udp1400x8 => "udp1400x8",
     Udp1400x2000 => "udp1400x2000",
+    UdpPlain512x1 => "udpplain512x1",
+    UdpPlain512x8 => "udpplain512x8",
 );
 
 pub fn figure(key: &str) -> Option<&'static Figure> {
@@ -264,7 +266,13 @@ mod tests {
             .measurements()
             .iter()
             .all(|m| Measurement::UDP.contains(m)));
-        assert_eq!(figures_of("udp").len(), 30);
+        assert_eq!(figures_of("udp").len(), UDP_FIGURES.len());
+        assert_eq!(
+            Measurement::UdpPlain512x8.label(),
+            "512 B plain, 8 assocs × 32 in flight"
+        );
+        assert!(Measurement::UdpPlain512x1.args().contains(&"--plain"));
+        assert!(figure("udpplain512x8_cpu_us").is_some());
         assert_eq!(figures_of("full").len(), FIGURES.len());
         assert_eq!(figures_of("ci").len(), CI_FIGURES);
         assert!(figures_of("ci").iter().all(|f| !f.from.is_iperf()));

@@ -8,7 +8,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::figures::{figure, figures_of, UDP_METRICS};
-use super::suite::{Measurement, UDP_RATE_2000, UDP_WINDOW_8};
+use super::suite::{Measurement, UDP_PLAIN_SIZE, UDP_PLAIN_WINDOW, UDP_RATE_2000, UDP_WINDOW_8};
 use crate::relays::Kind;
 
 /// 3 significant digits, no exponent.
@@ -203,7 +203,10 @@ fn udp_tables(doc: &Value, names: &[String]) -> String {
         "One `loadgen udp` run per workload, system and repetition: \"1 assoc, ping-pong\" = \
          `--assocs 1 --window 1`; \"8 assocs × {UDP_WINDOW_8} in flight\" = `--assocs 8 --window \
          {UDP_WINDOW_8}` (closed loop); \"2000 assocs at {UDP_RATE_2000}/s\" = `--assocs 2000 --rate \
-         {UDP_RATE_2000}` (open loop, round robin over the associations). A datagram is one echoed \
+         {UDP_RATE_2000}` (open loop, round robin over the associations); \"{UDP_PLAIN_SIZE} B \
+         plain\" = `--plain --window {UDP_PLAIN_WINDOW}`: client and echo target each send one \
+         datagram per sendmsg call, no GSO (in the others both send what is due with one \
+         sendmmsg, equal-sized runs as UDP GSO messages). A datagram is one echoed \
          round trip (request and reply both through the relay); loss counts the datagrams sent in \
          the interval without a reply {drain} s after it; relay CPU per datagram = relay CPU-s \
          (its descendant processes included) / echoed datagrams.\n\n"

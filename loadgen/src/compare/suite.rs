@@ -15,7 +15,7 @@ pub enum Suite {
     /// Short (for CI): ringsocks both paths, direct, microsocks; 2 s after 0.5 s warmup
     Ci,
     /// UDP ASSOCIATE: ringsocks, direct, Dante, 3proxy, hev; 64 and 1400 B datagrams over 1, 8, 2000
-    /// associations
+    /// associations; 512 B plain (no GSO on either side) over 1 and 8 associations x 32
     Udp,
     /// Short UDP suite (for CI): ringsocks and direct; 64 and 1400 B over 8 associations x 16,
     /// 2 s after 0.5 s warmup
@@ -89,8 +89,8 @@ impl Suite {
     }
 }
 
-/// UDP suite: seconds measured and of warmup per run (short: 54 runs,
-/// some with 2000 associations to set up first).
+/// UDP suite: seconds measured and of warmup per run (short: 8 workloads
+/// per system and repetition, some with 2000 associations to set up first).
 const UDP_DURATION: f64 = 3.0;
 const UDP_WARMUP: f64 = 0.5;
 /// Datagrams in flight per association, 8-association runs (closed loop).
@@ -100,6 +100,11 @@ pub const UDP_WINDOW_8: &str = "16";
 /// core; at 20000/s it is near its limit (~100% CPU, RTT p99 in the tens
 /// of ms on the 2-core VM).
 pub const UDP_RATE_2000: &str = "10000";
+/// Plain workloads (`--plain`: client and echo target each send one
+/// datagram per sendmsg, no GSO), like DNS, game or VoIP traffic: payload
+/// bytes, and datagrams in flight per association.
+pub const UDP_PLAIN_SIZE: &str = "512";
+pub const UDP_PLAIN_WINDOW: &str = "32";
 
 /// One loadgen run per system and repetition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +120,8 @@ pub enum Measurement {
     Udp1400x1,
     Udp1400x8,
     Udp1400x2000,
+    UdpPlain512x1,
+    UdpPlain512x8,
     /// The cross-check: iperf3 (through proxychains4 for a relay), 1 stream.
     Iperf1,
     /// The same with 8 parallel streams (`-P 8`).
@@ -141,13 +148,15 @@ impl Measurement {
         Measurement::Iperf8,
     ];
 
-    pub const UDP: [Measurement; 6] = [
+    pub const UDP: [Measurement; 8] = [
         Measurement::Udp64x1,
         Measurement::Udp64x8,
         Measurement::Udp64x2000,
         Measurement::Udp1400x1,
         Measurement::Udp1400x8,
         Measurement::Udp1400x2000,
+        Measurement::UdpPlain512x1,
+        Measurement::UdpPlain512x8,
     ];
 
     pub fn name(self) -> &'static str {
@@ -163,6 +172,8 @@ impl Measurement {
             Measurement::Udp1400x1 => "udp1400x1",
             Measurement::Udp1400x8 => "udp1400x8",
             Measurement::Udp1400x2000 => "udp1400x2000",
+            Measurement::UdpPlain512x1 => "udpplain512x1",
+            Measurement::UdpPlain512x8 => "udpplain512x8",
             Measurement::Iperf1 => "iperf1",
             Measurement::Iperf8 => "iperf8",
         }
@@ -182,6 +193,12 @@ impl Measurement {
             Measurement::Udp1400x8 => (1400, format!("8 assocs × {UDP_WINDOW_8} in flight")),
             Measurement::Udp64x2000 => (64, format!("2000 assocs at {UDP_RATE_2000}/s")),
             Measurement::Udp1400x2000 => (1400, format!("2000 assocs at {UDP_RATE_2000}/s")),
+            Measurement::UdpPlain512x1 => {
+                return format!("{UDP_PLAIN_SIZE} B plain, 1 assoc × {UDP_PLAIN_WINDOW} in flight")
+            }
+            Measurement::UdpPlain512x8 => {
+                return format!("{UDP_PLAIN_SIZE} B plain, 8 assocs × {UDP_PLAIN_WINDOW} in flight")
+            }
             other => return other.name().to_string(),
         };
         format!("{size} B, {load}")
@@ -200,6 +217,16 @@ impl Measurement {
             Measurement::Udp1400x8 => udp_args("1400", "8", ["--window", UDP_WINDOW_8]),
             Measurement::Udp64x2000 => udp_args("64", "2000", ["--rate", UDP_RATE_2000]),
             Measurement::Udp1400x2000 => udp_args("1400", "2000", ["--rate", UDP_RATE_2000]),
+            Measurement::UdpPlain512x1 => udp_args(
+                UDP_PLAIN_SIZE,
+                "1",
+                ["--window", UDP_PLAIN_WINDOW, "--plain"],
+            ),
+            Measurement::UdpPlain512x8 => udp_args(
+                UDP_PLAIN_SIZE,
+                "8",
+                ["--window", UDP_PLAIN_WINDOW, "--plain"],
+            ),
             Measurement::Iperf1 => vec!["-P", "1"],
             Measurement::Iperf8 => vec!["-P", "8"],
         }

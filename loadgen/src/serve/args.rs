@@ -18,6 +18,10 @@ pub struct Args {
     /// UDP echo sockets on that port (SO_REUSEPORT), one thread each
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub udp_threads: usize,
+    /// The UDP echo answers datagram by datagram: one sendmsg each, no GSO
+    /// (default: one sendmmsg per batch, equal-sized runs as UDP GSO messages)
+    #[arg(long)]
+    pub udp_plain: bool,
     /// Exit after S seconds (default: run until killed)
     #[arg(long, value_name = "S")]
     pub duration: Option<f64>,

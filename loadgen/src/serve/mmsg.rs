@@ -1,6 +1,7 @@
 //! [`Mmsg`]: the buffers and kernel structures for batched UDP I/O, one
 //! `recvmmsg` or `sendmmsg` call per batch of datagrams, with equal-sized
-//! runs to one peer sent as a single UDP GSO message. Used by the UDP echo
+//! runs to one peer sent as a single UDP GSO message (or, plain, one
+//! `sendmsg` per datagram). Used by the UDP echo
 //! and by the `udp` mode's associations; the raw pointers and the `unsafe`
 //! they need stay inside this file.
 
@@ -22,6 +23,9 @@ const GSO_MAX_BYTES: usize = 65_000;
 /// instead of once per datagram, and the receiving socket (which has no
 /// UDP_GRO) still gets them one by one, exactly as if sent separately.
 /// If the kernel refuses GSO, it is turned off and datagrams go singly.
+///
+/// [`Mmsg::set_plain`] sends like most UDP programs instead: no GSO and
+/// one `sendmsg` call per datagram (receiving still batches).
 pub struct Mmsg {
     slot: usize,
     bufs: Vec<u8>,
@@ -38,6 +42,8 @@ pub struct Mmsg {
     /// Per message: room for one `UDP_SEGMENT` cmsg (aligned).
     ctrl: Vec<[u64; 4]>,
     pub gso: bool,
+    /// One `sendmsg` per datagram instead of one `sendmmsg` per batch.
+    single: bool,
 }
 
 // SAFETY: the raw pointers inside `iov` and `hdrs` only ever point into
@@ -84,7 +90,21 @@ impl Mmsg {
             runs: vec![(0, 0); n],
             ctrl: vec![[0u64; 4]; n],
             gso: true,
+            single: false,
         }
+    }
+
+    /// Sends datagram by datagram from now on: no UDP GSO, and one
+    /// `sendmsg` system call per datagram.
+    pub fn set_plain(&mut self) {
+        self.gso = false;
+        self.single = true;
+    }
+
+    /// Whether sends go datagram by datagram ([`Mmsg::set_plain`]).
+    #[cfg(test)]
+    pub fn is_plain(&self) -> bool {
+        self.single
     }
 
     pub fn capacity(&self) -> usize {
@@ -280,7 +300,7 @@ impl Mmsg {
         out
     }
 
-    /// sendmmsg of messages `0..msgs`; Some(first datagram of the message)
+    /// sendmmsg of messages `0..msgs` (sendmsg one by one when plain); Some(first datagram of the message)
     /// if GSO was refused there (nothing from it on was sent).
     fn send_msgs(&mut self, fd: RawFd, msgs: usize, out: &mut Sent) -> Option<usize> {
         let mut off = 0;
@@ -289,15 +309,24 @@ impl Mmsg {
             if off >= msgs {
                 break;
             }
-            // SAFETY: `hdrs[off..msgs]` are valid mmsghdrs pointing into our
-            // buffers, which the kernel only reads (it writes `msg_len`).
-            let r = unsafe {
-                libc::sendmmsg(
-                    fd,
-                    self.hdrs.as_mut_ptr().add(off),
-                    (msgs - off) as libc::c_uint,
-                    0,
-                )
+            let r = if self.single {
+                // SAFETY: `hdrs[off]` is a valid msghdr pointing into our
+                // buffers, which the kernel only reads.
+                match unsafe { libc::sendmsg(fd, &self.hdrs[off].msg_hdr, 0) } {
+                    r if r >= 0 => 1,
+                    _ => -1,
+                }
+            } else {
+                // SAFETY: `hdrs[off..msgs]` are valid mmsghdrs pointing into our
+                // buffers, which the kernel only reads (it writes `msg_len`).
+                unsafe {
+                    libc::sendmmsg(
+                        fd,
+                        self.hdrs.as_mut_ptr().add(off),
+                        (msgs - off) as libc::c_uint,
+                        0,
+                    )
+                }
             };
             if r > 0 {
                 let r = r as usize;

@@ -12,7 +12,8 @@
 //! call, a receive buffer big enough for thousands of datagrams in flight
 //! (`SO_RCVBUFFORCE` when allowed), and optionally several sockets on one
 //! port (`SO_REUSEPORT`), one thread each. The `udp` mode runs the same
-//! [`UdpEcho`] inside its own event loops.
+//! [`UdpEcho`] inside its own event loops. `--udp-plain` makes the echo
+//! answer datagram by datagram (one `sendmsg` each, no GSO).
 //!
 //! Layout: [`target`] says what to listen on and starts it, with the
 //! counters the measuring modes read; [`tcp`] is the thread pool and the
@@ -56,6 +57,7 @@ pub fn run(args: &Args) -> Result<()> {
         hold: None,
         udp_echo: addr(&args.udp_echo)?,
         udp_threads: args.udp_threads,
+        udp_plain: args.udp_plain,
     };
     if !(1..=64).contains(&args.udp_threads) {
         return Err("--udp-threads must be 1..=64".into());
@@ -132,6 +134,7 @@ pub fn run(args: &Args) -> Result<()> {
             "tcp_echo": s(t.echo), "tcp_discard": s(t.discard),
             "tcp_source": s(t.source), "udp_echo": s(t.udp_echo),
             "udp_threads": args.udp_threads,
+            "udp_plain": args.udp_plain,
         }),
         summary: format!(
             "served {elapsed:.1} s: {} connections, echo {} B, discard {} B, udp {} packets\n",

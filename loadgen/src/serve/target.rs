@@ -61,6 +61,8 @@ pub struct Spec {
     pub udp_echo: Option<SocketAddr>,
     /// Sockets (and threads) of the UDP echo, on one port with SO_REUSEPORT; 0 = 1.
     pub udp_threads: usize,
+    /// The UDP echo answers datagram by datagram (one sendmsg each, no GSO).
+    pub udp_plain: bool,
 }
 
 /// A running target; its threads live until the process exits.
@@ -119,7 +121,7 @@ impl Target {
                 let local = socks[0].local_addr()?;
                 for s in socks {
                     let c = counters.clone();
-                    let mut echo = UdpEcho::new(s);
+                    let mut echo = UdpEcho::new(s, spec.udp_plain);
                     thread::Builder::new()
                         .name("udp-echo".into())
                         .spawn(move || udp_echo_loop(&mut echo, &c))?;

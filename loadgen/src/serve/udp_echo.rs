@@ -3,6 +3,12 @@
 //! on one port (`SO_REUSEPORT`), and [`UdpEcho`], which sends back each
 //! batch it receives. `serve` runs one blocking thread per socket; the
 //! `udp` mode polls the same [`UdpEcho`] inside its own event loops.
+//!
+//! By default the echo sends each batch back with one `sendmmsg`, runs of
+//! equal-sized datagrams to one peer as one UDP GSO message; a plain echo
+//! ([`UdpEcho::new`] with `plain`) answers datagram by datagram, one
+//! `sendmsg` each, like DNS, game or VoIP servers. No echo socket enables
+//! UDP_GRO, so a burst that arrives is never coalesced.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -75,11 +81,14 @@ pub struct UdpEcho {
 }
 
 impl UdpEcho {
-    pub fn new(sock: UdpSocket) -> UdpEcho {
-        UdpEcho {
-            sock,
-            mm: Mmsg::new(MMSG_BATCH, MAX_DATAGRAM + 1),
+    /// An echo on `sock`; `plain`: answer with one `sendmsg` per datagram
+    /// and no GSO (receiving still batches).
+    pub fn new(sock: UdpSocket, plain: bool) -> UdpEcho {
+        let mut mm = Mmsg::new(MMSG_BATCH, MAX_DATAGRAM + 1);
+        if plain {
+            mm.set_plain();
         }
+        UdpEcho { sock, mm }
     }
 
     /// Receives one batch and sends it back. `flags` is MSG_DONTWAIT to
@@ -122,6 +131,37 @@ pub(super) fn udp_echo_loop(e: &mut UdpEcho, c: &Counters) {
                 c.udp_bytes.fetch_add(b as u64, Ordering::Relaxed);
             }
             Err(_) => thread::sleep(Duration::from_millis(1)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both echoes send every datagram of a burst back, separately.
+    #[test]
+    fn echo_answers_each_datagram() {
+        for plain in [false, true] {
+            let s = udp_echo_sockets(SocketAddr::from(([127, 0, 0, 1], 0)), 1, true)
+                .unwrap()
+                .pop()
+                .unwrap();
+            let at = s.local_addr().unwrap();
+            let mut e = UdpEcho::new(s, plain);
+            assert_eq!(e.mm.is_plain(), plain);
+            let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+            c.connect(at).unwrap();
+            for i in 0..10u8 {
+                c.send(&[i; 100]).unwrap();
+            }
+            assert_eq!(e.drain(), (10, 1000));
+            c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut buf = [0u8; 2048];
+            for i in 0..10u8 {
+                let n = c.recv(&mut buf).unwrap();
+                assert_eq!(&buf[..n], &[i; 100][..], "plain: {plain}");
+            }
         }
     }
 }

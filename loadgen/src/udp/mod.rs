@@ -20,7 +20,8 @@
 //! Efficiency: each thread runs its associations *and* its own in-process
 //! echo socket on one epoll loop, with batches of up to 64 datagrams per
 //! `recvmmsg`/`sendmmsg` call; the generator never waits for a thread
-//! switch.
+//! switch. `--no-gso` turns GSO off on the client only; `--plain` makes
+//! both sides send one datagram per `sendmsg` call (see [`Args`]).
 //!
 //! Layout: [`args`] is the command line; [`datagram`] the stamp every
 //! payload carries and the checks a reply must pass; [`accounting`] what
@@ -112,7 +113,7 @@ pub fn run(a: &Args) -> Result<()> {
                     .pop()
                     .expect("one socket");
                 t.push(s.local_addr()?);
-                echoes.push(Some(UdpEcho::new(s)));
+                echoes.push(Some(UdpEcho::new(s, a.plain)));
             }
             t
         }
@@ -181,6 +182,9 @@ pub fn run(a: &Args) -> Result<()> {
         };
         let mut tx = Mmsg::new(batch, slot);
         tx.gso = !a.no_gso;
+        if a.plain {
+            tx.set_plain();
+        }
         for j in 0..batch {
             tx.slot_mut(j).fill(FILL);
         }

@@ -77,6 +77,15 @@ impl RunResults<'_> {
             warmup.as_secs_f64()
         );
         summary += &format!(
+            "sends: client {}, target {}\n",
+            a.client_send(),
+            if a.conn.target.is_some() {
+                "external"
+            } else {
+                a.target_send()
+            }
+        );
+        summary += &format!(
             "{dps:.0} datagrams/s echoed ({:.3} Gbit/s of payload each way), {:.0} sent/s\n",
             dps * a.size as f64 * 8e-9,
             tally.sent as f64 / secs
@@ -134,7 +143,10 @@ impl RunResults<'_> {
                 "duration": a.time.duration,
                 "warmup": a.time.warmup,
                 "drain": a.drain,
-                "gso": !a.no_gso,
+                "gso": a.client_send() == "gso",
+                "plain": a.plain,
+                "client_send": a.client_send(),
+                "target_send": if a.conn.target.is_some() { Value::Null } else { json!(a.target_send()) },
                 "udp_targets": targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
                 "rlimit_nofile": nofile,
             }),
