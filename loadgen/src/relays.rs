@@ -1,6 +1,7 @@
 //! The systems `loadgen compare` measures: starting each relay pinned to a
-//! CPU, waiting until it accepts, finding the processes whose CPU counts as
-//! the relay's, and stopping it again.
+//! CPU (with the configuration it is measured with, generated for 3proxy,
+//! hev-socks5-server and Dante), waiting until it accepts, finding the
+//! processes whose CPU counts as the relay's, and stopping it again.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -19,6 +20,14 @@ use crate::sys;
 
 pub const DANTED: &str = "/usr/sbin/danted";
 pub const MICROSOCKS: &str = "/usr/bin/microsocks";
+/// Paths of the peers built from source (not packaged): 3proxy's `bin/3proxy`
+/// and hev-socks5-server's `bin/hev-socks5-server` (loadgen/README.md says how
+/// to build them).
+pub const PEER_3PROXY_ENV: &str = "RINGSOCKS_PEER_3PROXY";
+pub const PEER_HEV_ENV: &str = "RINGSOCKS_PEER_HEV";
+/// 3proxy's connection limit per service (its default is 100; the UDP
+/// suite holds 2000 associations, one TCP connection each).
+pub const THREEPROXY_MAXCONN: u32 = 4096;
 
 /// How long a relay may take to start accepting.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,10 +43,14 @@ pub enum Kind {
     Ringsocks,
     Dante,
     Microsocks,
+    /// 3proxy's `socks` service (one process, a thread per connection).
+    ThreeProxy,
+    /// hev-socks5-server with one worker thread.
+    Hev,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 9] = [
         Kind::RingsocksAuto,
         Kind::RingsocksSplice,
         Kind::RingsocksCopy,
@@ -45,20 +58,34 @@ impl Kind {
         Kind::Direct,
         Kind::Dante,
         Kind::Microsocks,
+        Kind::ThreeProxy,
+        Kind::Hev,
     ];
 
-    /// The systems of the TCP suites.
-    pub const TCP: [Kind; 6] = [
+    /// The systems of the full TCP suite.
+    pub const TCP: [Kind; 8] = [
         Kind::RingsocksAuto,
         Kind::RingsocksSplice,
         Kind::RingsocksCopy,
         Kind::Direct,
         Kind::Dante,
         Kind::Microsocks,
+        Kind::ThreeProxy,
+        Kind::Hev,
     ];
 
-    /// The systems of the UDP suite: microsocks has no UDP ASSOCIATE.
-    pub const UDP: [Kind; 3] = [Kind::Ringsocks, Kind::Direct, Kind::Dante];
+    /// The systems of the UDP suite: microsocks has no UDP ASSOCIATE
+    /// (`NO_UDP` says so in the suite's output).
+    pub const UDP: [Kind; 5] = [
+        Kind::Ringsocks,
+        Kind::Direct,
+        Kind::Dante,
+        Kind::ThreeProxy,
+        Kind::Hev,
+    ];
+
+    /// Peers left out of the UDP suite, and why.
+    pub const NO_UDP: [(Kind, &'static str); 1] = [(Kind::Microsocks, "no UDP ASSOCIATE")];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -69,6 +96,8 @@ impl Kind {
             Kind::Ringsocks => "ringsocks",
             Kind::Dante => "dante",
             Kind::Microsocks => "microsocks",
+            Kind::ThreeProxy => "3proxy",
+            Kind::Hev => "hev",
         }
     }
 
@@ -81,6 +110,8 @@ impl Kind {
             Kind::Ringsocks => "ringsocks",
             Kind::Dante => "Dante (danted -N 1)",
             Kind::Microsocks => "microsocks",
+            Kind::ThreeProxy => "3proxy (socks, auth none)",
+            Kind::Hev => "hev-socks5-server (workers: 1)",
         }
     }
 
@@ -97,7 +128,50 @@ impl Kind {
 
     /// Direct loopback and the other relays: what ringsocks is compared to.
     pub fn is_reference(self) -> bool {
-        matches!(self, Kind::Direct | Kind::Dante | Kind::Microsocks)
+        matches!(
+            self,
+            Kind::Direct | Kind::Dante | Kind::Microsocks | Kind::ThreeProxy | Kind::Hev
+        )
+    }
+
+    /// The peer's binary, or why it is missing (the suite skips it with
+    /// that note). Not for ringsocks nor direct loopback.
+    pub fn peer_binary(self) -> std::result::Result<PathBuf, String> {
+        let packaged = |path: &str, package: &str| {
+            if Path::new(path).exists() {
+                Ok(PathBuf::from(path))
+            } else {
+                Err(format!("{path} not installed; apt-get install {package}"))
+            }
+        };
+        let from_env = |var: &str| peer_from_env(var, std::env::var_os(var));
+        match self {
+            Kind::Dante => packaged(DANTED, "dante-server"),
+            Kind::Microsocks => packaged(MICROSOCKS, "microsocks"),
+            Kind::ThreeProxy => from_env(PEER_3PROXY_ENV),
+            Kind::Hev => from_env(PEER_HEV_ENV),
+            _ => Err(format!("{} is not a peer", self.name())),
+        }
+    }
+}
+
+/// A peer's binary named by environment variable `var` (whose value is
+/// `value`), or why it is missing.
+fn peer_from_env(
+    var: &str,
+    value: Option<std::ffi::OsString>,
+) -> std::result::Result<PathBuf, String> {
+    match value {
+        None => Err(format!("{var} not set")),
+        Some(p) if p.is_empty() => Err(format!("{var} not set")),
+        Some(p) => {
+            let p = PathBuf::from(p);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(format!("{var}={}: no such file", p.display()))
+            }
+        }
     }
 }
 
@@ -129,7 +203,7 @@ impl Drop for TempDir {
 }
 
 /// `taskset -c CPU` if taskset exists, else nothing (with a warning once).
-fn pinned(cpu: Option<usize>, bin: &Path, args: &[String]) -> (Command, Vec<String>) {
+pub fn pinned(cpu: Option<usize>, bin: &Path, args: &[String]) -> (Command, Vec<String>) {
     let mut argv: Vec<String> = Vec::new();
     if let Some(cpu) = cpu {
         if Path::new("/usr/bin/taskset").exists() {
@@ -178,6 +252,45 @@ fn pkg_version(pkg: &str) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// The version a binary carries as `<prefix><digits and dots>` (3proxy has
+/// no version option but embeds `3proxy-1.0.0(<build date>)`).
+fn version_in_binary(bin: &Path, prefix: &[u8]) -> String {
+    let Ok(bytes) = fs::read(bin) else {
+        return "unknown".into();
+    };
+    bytes
+        .windows(prefix.len() + 1)
+        .enumerate()
+        .find(|(_, w)| w.starts_with(prefix) && w[prefix.len()].is_ascii_digit())
+        .map(|(i, _)| {
+            let rest = &bytes[i + prefix.len()..];
+            let n = rest
+                .iter()
+                .take_while(|b| b.is_ascii_digit() || **b == b'.')
+                .count();
+            String::from_utf8_lossy(&rest[..n]).into_owned()
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// hev-socks5-server's `--version` prints `Version: 2.13.1 <commit>`.
+fn hev_version(bin: &Path) -> String {
+    Command::new(bin)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned()
+                + &String::from_utf8_lossy(&o.stderr);
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix("Version:"))
+                .and_then(|v| v.split_whitespace().next())
+                .map(String::from)
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
 impl Relay {
     /// A peer spawned on 127.0.0.1:`port`, once it accepts and is the binary we meant to run.
     fn ready(
@@ -185,90 +298,42 @@ impl Relay {
         port: u16,
         child: Child,
         command: Vec<String>,
-        package: &str,
+        version: String,
         tmp: Option<TempDir>,
-    ) -> Result<Option<Relay>> {
-        let relay = Relay {
+    ) -> Result<Relay> {
+        let mut relay = Relay {
             kind,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             child,
             command,
-            version: pkg_version(package),
+            version,
             _tmp: tmp,
         };
-        relay.wait_accepting()?;
+        if let Err(e) = relay.wait_accepting() {
+            // A peer that exited at once says why in its log.
+            if let (Ok(Some(_)), Some(tmp)) = (relay.child.try_wait(), &relay._tmp) {
+                let log = fs::read_to_string(tmp.0.join("stderr.log")).unwrap_or_default();
+                if let Some(last) = log.lines().rev().find(|l| !l.trim().is_empty()) {
+                    return Err(format!("{e}; it exited: {}", last.trim()).into());
+                }
+            }
+            return Err(e);
+        }
         relay.check_is_exec()?;
-        Ok(Some(relay))
+        Ok(relay)
     }
 
-    /// Starts `kind` pinned to `cpu`. `Ok(None)` means "not installed":
-    /// the suite skips it with a note. Direct loopback has no relay.
-    pub fn start(kind: Kind, ringsocks: &Path, cpu: Option<usize>) -> Result<Option<Relay>> {
+    /// Starts `kind` pinned to `cpu`. A peer whose binary is missing is an
+    /// error here: the suite asks `Kind::peer_binary` first and skips it
+    /// with that note. Direct loopback has no relay.
+    pub fn start(kind: Kind, ringsocks: &Path, cpu: Option<usize>) -> Result<Relay> {
         match kind {
             Kind::Direct => Err("direct loopback has no relay".into()),
             Kind::RingsocksSplice | Kind::RingsocksCopy | Kind::RingsocksAuto | Kind::Ringsocks => {
-                let mode = match kind {
-                    Kind::RingsocksSplice => Some("splice"),
-                    Kind::RingsocksCopy => Some("copy"),
-                    Kind::RingsocksAuto => Some("auto"),
-                    _ => None,
-                };
-                if !ringsocks.exists() {
-                    return Err(format!(
-                        "{}: not built (cargo build --release)",
-                        ringsocks.display()
-                    )
-                    .into());
-                }
-                let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--shards", "1"]
-                    .map(String::from)
-                    .to_vec();
-                if let Some(mode) = mode {
-                    args.extend(["--forward".into(), mode.into()]);
-                }
-                args.extend(["--log-level".into(), "warn".into()]);
-                let (mut cmd, argv) = pinned(cpu, ringsocks, &args);
-                let mut child = cmd
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::inherit())
-                    .spawn()?;
-                let out = child.stdout.take().expect("piped stdout");
-                let (tx, rx) = mpsc::channel();
-                // Drains the relay's stdout until it exits.
-                thread::spawn(move || {
-                    for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
-                        let _ = tx.send(line);
-                    }
-                });
-                let mut relay = Relay {
-                    kind,
-                    addr: "127.0.0.1:1".parse().expect("literal"),
-                    child,
-                    command: argv,
-                    version: format!("git {}", sys::git_revision()),
-                    _tmp: None,
-                };
-                let deadline = Instant::now() + READY_TIMEOUT;
-                loop {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match rx.recv_timeout(left) {
-                        Ok(line) => {
-                            if let Some(a) = line.strip_prefix("listening ") {
-                                relay.addr = a.trim().parse()?;
-                                break;
-                            }
-                        }
-                        Err(_) => return Err("ringsocks did not print `listening`".into()),
-                    }
-                }
-                relay.check_is_exec()?;
-                Ok(Some(relay))
+                Relay::start_ringsocks(kind, ringsocks, cpu)
             }
             Kind::Microsocks => {
-                if !Path::new(MICROSOCKS).exists() {
-                    return Ok(None);
-                }
+                let bin = kind.peer_binary()?;
                 let port = free_port()?;
                 let args = vec![
                     "-i".into(),
@@ -276,24 +341,22 @@ impl Relay {
                     "-p".into(),
                     port.to_string(),
                 ];
-                let (mut cmd, argv) = pinned(cpu, Path::new(MICROSOCKS), &args);
+                let (mut cmd, argv) = pinned(cpu, &bin, &args);
                 let child = cmd
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .spawn()?;
-                Relay::ready(kind, port, child, argv, "microsocks", None)
+                Relay::ready(kind, port, child, argv, pkg_version("microsocks"), None)
             }
             Kind::Dante => {
-                if !Path::new(DANTED).exists() {
-                    return Ok(None);
-                }
+                let bin = kind.peer_binary()?;
                 let tmp = TempDir::new("dante")?;
                 let port = free_port()?;
                 let conf = tmp.0.join("danted.conf");
                 fs::write(&conf, dante_config(port))?;
                 let conf_s = conf.display().to_string();
-                let v = Command::new(DANTED).args(["-V", "-f", &conf_s]).output()?;
+                let v = Command::new(&bin).args(["-V", "-f", &conf_s]).output()?;
                 if !v.status.success() {
                     return Err(format!(
                         "danted -V rejects the config: {}",
@@ -309,16 +372,98 @@ impl Relay {
                     "-p".into(),
                     tmp.0.join("danted.pid").display().to_string(),
                 ];
-                let (mut cmd, argv) = pinned(cpu, Path::new(DANTED), &args);
-                let log = fs::File::create(tmp.0.join("danted.log"))?;
+                let (mut cmd, argv) = pinned(cpu, &bin, &args);
+                let log = fs::File::create(tmp.0.join("stderr.log"))?;
                 let child = cmd
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(log)
                     .spawn()?;
-                Relay::ready(kind, port, child, argv, "dante-server", Some(tmp))
+                let version = pkg_version("dante-server");
+                Relay::ready(kind, port, child, argv, version, Some(tmp))
+            }
+            Kind::ThreeProxy | Kind::Hev => {
+                let bin = kind.peer_binary()?;
+                let tmp = TempDir::new(kind.name())?;
+                let port = free_port()?;
+                let (file, text, version) = if kind == Kind::ThreeProxy {
+                    let v = version_in_binary(&bin, b"3proxy-");
+                    ("3proxy.cfg", threeproxy_config(port), v)
+                } else {
+                    ("hev-socks5-server.yml", hev_config(port), hev_version(&bin))
+                };
+                let conf = tmp.0.join(file);
+                fs::write(&conf, text)?;
+                // Both run in the foreground and take the config file as
+                // their only argument.
+                let (mut cmd, argv) = pinned(cpu, &bin, &[conf.display().to_string()]);
+                let log = fs::File::create(tmp.0.join("stderr.log"))?;
+                let child = cmd
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()?;
+                Relay::ready(kind, port, child, argv, version, Some(tmp))
             }
         }
+    }
+
+    fn start_ringsocks(kind: Kind, ringsocks: &Path, cpu: Option<usize>) -> Result<Relay> {
+        let mode = match kind {
+            Kind::RingsocksSplice => Some("splice"),
+            Kind::RingsocksCopy => Some("copy"),
+            Kind::RingsocksAuto => Some("auto"),
+            _ => None,
+        };
+        if !ringsocks.exists() {
+            return Err(
+                format!("{}: not built (cargo build --release)", ringsocks.display()).into(),
+            );
+        }
+        let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--shards", "1"]
+            .map(String::from)
+            .to_vec();
+        if let Some(mode) = mode {
+            args.extend(["--forward".into(), mode.into()]);
+        }
+        args.extend(["--log-level".into(), "warn".into()]);
+        let (mut cmd, argv) = pinned(cpu, ringsocks, &args);
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let out = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        // Drains the relay's stdout until it exits.
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut relay = Relay {
+            kind,
+            addr: "127.0.0.1:1".parse().expect("literal"),
+            child,
+            command: argv,
+            version: format!("git {}", sys::git_revision()),
+            _tmp: None,
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(a) = line.strip_prefix("listening ") {
+                        relay.addr = a.trim().parse()?;
+                        break;
+                    }
+                }
+                Err(_) => return Err("ringsocks did not print `listening`".into()),
+            }
+        }
+        relay.check_is_exec()?;
+        Ok(relay)
     }
 
     pub fn pid(&self) -> u32 {
@@ -450,9 +595,87 @@ pub fn dante_config(port: u16) -> String {
     )
 }
 
+/// The 3proxy configuration of the suites: its SOCKS service (SOCKS4/5,
+/// CONNECT and UDP ASSOCIATE) on loopback only, without authentication
+/// (`auth none` also skips the ACLs), connecting out from 127.0.0.1. No
+/// `daemon`: it stays in the foreground; no `log`: it logs nothing. Its
+/// default of 100 connections per service would refuse most of the UDP
+/// suite's 2000 associations, hence `maxconn`.
+pub fn threeproxy_config(port: u16) -> String {
+    format!(
+        "maxconn {THREEPROXY_MAXCONN}\n\
+         auth none\n\
+         socks -p{port} -i127.0.0.1 -e127.0.0.1\n"
+    )
+}
+
+/// The hev-socks5-server configuration of the suites: one worker thread,
+/// TCP and UDP ASSOCIATE on 127.0.0.1 only (the default listens on `::`;
+/// UDP relay sockets on a random port of 127.0.0.1), no authentication, in
+/// the foreground (no `pid-file`), warnings to stderr.
+pub fn hev_config(port: u16) -> String {
+    format!(
+        "main:\n  \
+           workers: 1\n  \
+           port: {port}\n  \
+           listen-address: '127.0.0.1'\n  \
+           udp-port: 0\n  \
+           udp-listen-address: '127.0.0.1'\n\
+         misc:\n  \
+           log-file: stderr\n  \
+           log-level: warn\n"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_configs_listen_on_loopback_only() {
+        let t = threeproxy_config(1234);
+        assert!(t.contains("auth none\n"));
+        assert!(t.contains("socks -p1234 -i127.0.0.1 -e127.0.0.1\n"));
+        assert!(!t.contains("daemon"));
+        let h = hev_config(1234);
+        assert!(h.starts_with("main:\n  workers: 1\n  port: 1234\n"), "{h}");
+        assert!(h.contains("  listen-address: '127.0.0.1'\n"));
+        assert!(h.contains("  udp-listen-address: '127.0.0.1'\n"));
+        assert!(h.contains("misc:\n  log-file: stderr\n"));
+    }
+
+    #[test]
+    fn version_embedded_in_a_binary() {
+        let tmp = TempDir::new("version-test").unwrap();
+        let f = tmp.0.join("bin");
+        fs::write(&f, b"\x00ab3proxy-x\x003proxy-1.0.0(20260101)\x00").unwrap();
+        assert_eq!(version_in_binary(&f, b"3proxy-"), "1.0.0");
+        assert_eq!(version_in_binary(&f, b"nothing-"), "unknown");
+    }
+
+    #[test]
+    fn missing_peers_say_why() {
+        let v = PEER_3PROXY_ENV;
+        assert_eq!(
+            peer_from_env(v, None),
+            Err("RINGSOCKS_PEER_3PROXY not set".into())
+        );
+        assert_eq!(
+            peer_from_env(v, Some("".into())),
+            Err(format!("{v} not set"))
+        );
+        assert_eq!(
+            peer_from_env(v, Some("/nonexistent/3proxy".into())),
+            Err(format!("{v}=/nonexistent/3proxy: no such file"))
+        );
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(peer_from_env(v, Some(exe.clone().into())), Ok(exe));
+        assert!(Kind::Direct.peer_binary().is_err());
+        for k in [Kind::ThreeProxy, Kind::Hev] {
+            assert!(k.is_reference() && !k.is_ringsocks());
+            assert!(Kind::TCP.contains(&k) && Kind::UDP.contains(&k));
+        }
+    }
 
     #[test]
     fn dante_config_has_the_essentials() {

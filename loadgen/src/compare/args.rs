@@ -18,7 +18,7 @@ pub struct Args {
     /// Seconds of warmup per run (default: 1 for full, 0.5 for ci and udp)
     #[arg(long)]
     pub warmup: Option<f64>,
-    /// Only these systems (repeatable): ringsocks-auto, ringsocks-splice, ringsocks-copy, direct, dante, microsocks; udp: ringsocks, direct, dante
+    /// Only these systems (repeatable): ringsocks-auto, ringsocks-splice, ringsocks-copy, direct, dante, microsocks, 3proxy, hev; udp: ringsocks, direct, dante, 3proxy, hev
     #[arg(long = "system", value_name = "NAME")]
     pub systems: Vec<String>,
     /// ringsocks binary (default: next to this loadgen binary)

@@ -1,5 +1,6 @@
-//! The suite's JSON document: parameters, systems, figures, every run,
-//! the values, medians and ratios, and where it is written
+//! The suite's JSON document: parameters, systems (and those skipped),
+//! the iperf3 cross-check's set-up, figures, every run, the values,
+//! medians and ratios, and where it is written
 //! (`results/<date>-<suite>.json` unless `--json`).
 
 use std::path::PathBuf;
@@ -34,6 +35,7 @@ pub(super) fn suite_document(
         relays,
         present,
         skipped,
+        iperf,
     } = peers;
     let Measured {
         runs,
@@ -68,6 +70,7 @@ pub(super) fn suite_document(
             None => json!({"name": k.name(), "label": k.label(), "command": null, "version": null}),
         }).collect::<Vec<_>>(),
         "skipped": skipped,
+        "iperf": iperf.json(duration, warmup),
         "figures": figures.iter().map(|f| json!({
             "key": f.key, "label": f.label, "unit": f.unit, "better": f.better.name(),
             "measurement": f.from.name(),

@@ -39,7 +39,9 @@ pub struct Figure {
     pub scale: f64,
 }
 
-pub const FIGURES: [Figure; 9] = [
+/// The figures of the TCP suites: loadgen's (both), then the iperf3
+/// cross-check's (`full` only; `ci` has the first `CI_FIGURES`).
+pub const FIGURES: [Figure; 11] = [
     Figure {
         key: "tput1_gbps",
         label: "1 stream",
@@ -121,7 +123,28 @@ pub const FIGURES: [Figure; 9] = [
         pointer: "/relay_cpu/per_conn",
         scale: 1e6,
     },
+    Figure {
+        key: "iperf1_gbps",
+        label: "iperf3 1 stream",
+        unit: "Gbit/s",
+        better: Better::Higher,
+        from: Measurement::Iperf1,
+        pointer: "/end/sum_received/bits_per_second",
+        scale: 1e-9,
+    },
+    Figure {
+        key: "iperf8_gbps",
+        label: "iperf3 8 streams",
+        unit: "Gbit/s",
+        better: Better::Higher,
+        from: Measurement::Iperf8,
+        pointer: "/end/sum_received/bits_per_second",
+        scale: 1e-9,
+    },
 ];
+
+/// How many of `FIGURES` the `ci` suite has: not the iperf3 cross-check's.
+pub const CI_FIGURES: usize = 9;
 
 /// The five figures of each UDP workload, keyed `<measurement>_<metric>`.
 macro_rules! udp_figures {
@@ -250,6 +273,18 @@ mod tests {
         );
         assert!(Measurement::UdpPlain512x1.args().contains(&"--plain"));
         assert!(figure("udpplain512x8_cpu_us").is_some());
-        assert_eq!(figures_of("ci").len(), FIGURES.len());
+        assert_eq!(figures_of("full").len(), FIGURES.len());
+        assert_eq!(figures_of("ci").len(), CI_FIGURES);
+        assert!(figures_of("ci").iter().all(|f| !f.from.is_iperf()));
+        for m in Measurement::FULL {
+            assert!(FIGURES.iter().any(|f| f.from == m), "{}", m.name());
+        }
+        assert!(Suite::Full.kinds().contains(&Kind::ThreeProxy));
+        assert!(Suite::Full.kinds().contains(&Kind::Hev));
+        assert!(!Suite::Ci.kinds().contains(&Kind::Hev));
+        assert_eq!(
+            Suite::Udp.left_out(),
+            vec![(Kind::Microsocks, "no UDP ASSOCIATE")]
+        );
     }
 }

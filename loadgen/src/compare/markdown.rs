@@ -1,12 +1,13 @@
 //! The generated markdown of a suite document: the medians table and the
-//! ratios table (TCP suites), or one table per metric plus the ratios (UDP
-//! suites), with the numbers formatted for reading.
+//! ratios table (TCP suites, the iperf3 cross-check's columns included), or
+//! one table per metric plus the ratios (UDP suites), with the numbers
+//! formatted for reading, and which systems or checks were skipped.
 
 use std::path::Path;
 
 use serde_json::Value;
 
-use super::figures::{figure, FIGURES, UDP_METRICS};
+use super::figures::{figure, figures_of, UDP_METRICS};
 use super::suite::{Measurement, UDP_PLAIN_SIZE, UDP_PLAIN_WINDOW, UDP_RATE_2000, UDP_WINDOW_8};
 use crate::relays::Kind;
 
@@ -85,24 +86,26 @@ pub fn markdown(doc: &Value, json_path: &Path, results_dir: &Path) -> String {
         }
         s.push('\n');
     }
+    s += &iperf_note(doc);
     s += &format!("![{suite} suite]({suite}.svg)\n\n");
     if suite.starts_with("udp") {
         s += &udp_tables(doc, &names);
         return s;
     }
+    let figures = figures_of(suite);
     // Medians.
     s += "| system |";
-    for f in &FIGURES {
+    for f in figures {
         s += &format!(" {} ({}) |", f.label, f.unit);
     }
     s += "\n|---|";
-    for _ in &FIGURES {
+    for _ in figures {
         s += "---|";
     }
     s.push('\n');
     for n in &names {
         s += &format!("| {} |", label_of(doc, n));
-        for f in &FIGURES {
+        for f in figures {
             match doc["medians"][n][f.key].as_f64() {
                 Some(v) => s += &format!(" {} |", fmt_num(v)),
                 None => s += " – |",
@@ -113,11 +116,11 @@ pub fn markdown(doc: &Value, json_path: &Path, results_dir: &Path) -> String {
     // Ratios.
     s += "\nRatios of medians, `A / B` = A's figure divided by B's (for RTT and CPU, above 1 \
           means A is slower or costlier):\n\n| A / B |";
-    for f in &FIGURES {
+    for f in figures {
         s += &format!(" {} |", f.label);
     }
     s += "\n|---|";
-    for _ in &FIGURES {
+    for _ in figures {
         s += "---|";
     }
     s.push('\n');
@@ -127,7 +130,7 @@ pub fn markdown(doc: &Value, json_path: &Path, results_dir: &Path) -> String {
         keys.sort_by_key(|k| (!k.starts_with("ringsocks"), (*k).clone()));
         for k in keys {
             s += &format!("| {k} |");
-            for f in &FIGURES {
+            for f in figures {
                 match r[k][f.key].as_f64() {
                     Some(v) => s += &format!(" {v:.2} |"),
                     None => s += " – |",
@@ -137,6 +140,32 @@ pub fn markdown(doc: &Value, json_path: &Path, results_dir: &Path) -> String {
         }
     }
     s
+}
+
+/// What the iperf3 columns are, or why they are missing (nothing for a
+/// suite without the cross-check).
+fn iperf_note(doc: &Value) -> String {
+    let ip = &doc["iperf"];
+    if let Some(why) = ip["skipped"].as_str() {
+        return format!("Skipped: the iperf3 cross-check ({why}).\n\n");
+    }
+    if ip.is_null() {
+        return String::new();
+    }
+    format!(
+        "Cross-check with third-party tools: \"iperf3\" columns = `{}` (1 or 8 streams; \
+         iperf3 alone for direct loopback), client and server (`{}`) pinned to the load CPU; \
+         Gbit/s received by the server.\n\n",
+        ip["how"]["client"].as_str().unwrap_or("?"),
+        ip["server"]
+            .as_array()
+            .map(|a| a
+                .iter()
+                .filter_map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join(" "))
+            .unwrap_or_default(),
+    )
 }
 
 /// A ratio with 2 decimals, or 2 significant digits when it is below 0.1.
@@ -260,6 +289,52 @@ mod tests {
         assert_eq!(fmt_ratio(0.0), "0.00");
         assert_eq!(fmt_loss(0.0), "0");
         assert_eq!(fmt_loss(0.0025), "0.250%");
+    }
+
+    #[test]
+    fn full_section_has_the_peers_and_the_iperf_columns() {
+        let meds = json!({
+            "ringsocks-auto": {"tput1_gbps": 10.0, "iperf1_gbps": 9.0, "iperf8_gbps": 12.0},
+            "3proxy": {"tput1_gbps": 4.0, "iperf1_gbps": 3.0, "iperf8_gbps": 6.0},
+            "hev": {"tput1_gbps": 5.0, "iperf1_gbps": 4.5, "iperf8_gbps": 4.0},
+        });
+        let names: Vec<String> = ["ringsocks-auto", "3proxy", "hev"]
+            .map(String::from)
+            .to_vec();
+        let rats = ratios(&meds, &names, figures_of("full"));
+        assert_eq!(rats["ringsocks-auto/3proxy"]["iperf8_gbps"], 2.0);
+        assert_eq!(rats["ringsocks-auto/hev"]["iperf8_gbps"], 3.0);
+        let mut doc = json!({
+            "suite": "full", "date": "2026-12-02", "system": {"git": "abc", "kernel": "6.18"},
+            "params": {"reps": 1, "duration": 1.0, "warmup": 1.0, "relay_cpu": 0, "load_cpu": 1},
+            "systems": [{"name": "ringsocks-auto", "version": "git abc"},
+                {"name": "3proxy", "version": "1.0.0"}, {"name": "hev", "version": "2.13.1"}],
+            "skipped": [{"name": "dante", "reason": "not installed"}],
+            "iperf": {"skipped": null, "how": {"client": "iperf3 -c"}, "server": ["iperf3", "-s"]},
+            "medians": meds, "ratios": rats, "wall_seconds": 10.0, "runs": [],
+        });
+        let md = markdown(&doc, Path::new("/tmp/x.json"), Path::new("results"));
+        assert!(
+            md.contains(" iperf3 1 stream (Gbit/s) | iperf3 8 streams (Gbit/s) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 3proxy (socks, auth none) 1.0.0 | 4.00 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| hev-socks5-server (workers: 1) 2.13.1 | 5.00 |"),
+            "{md}"
+        );
+        assert!(md.contains("Skipped: dante (not installed)."));
+        assert!(md.contains("`iperf3 -c` (1 or 8 streams;") && md.contains("(`iperf3 -s`)"));
+        doc["iperf"] = json!({"skipped": "proxychains4 not installed"});
+        let md = markdown(&doc, Path::new("/tmp/x.json"), Path::new("results"));
+        assert!(md.contains("Skipped: the iperf3 cross-check (proxychains4 not installed)."));
+        doc["suite"] = json!("ci");
+        doc["iperf"] = Value::Null;
+        let md = markdown(&doc, Path::new("/tmp/x.json"), Path::new("results"));
+        assert!(!md.contains("iperf3"), "{md}");
     }
 
     #[test]

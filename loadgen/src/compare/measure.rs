@@ -1,20 +1,22 @@
 //! The measurement loop: every measurement of the suite on every system,
 //! repetition by repetition with the order of systems rotated, each as
 //! one run of this binary in a client mode (a child process pinned to the
-//! load CPU, `--json -`), collecting the figures of each report.
+//! load CPU, `--json -`) or, for the iperf3 cross-check, one iperf3 run
+//! (`iperf`), collecting the figures of each report.
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::figures::value_at;
+use super::figures::{value_at, Figure};
+use super::iperf::CrossCheck;
 use super::markdown::fmt_num;
 use super::peers::Peers;
-use super::suite::Suite;
+use super::suite::{Measurement, Suite};
 use super::{Args, Settings};
 
 /// What the loop collected: every run (argv, error, report), the order of
@@ -35,7 +37,10 @@ pub(super) fn measure_all(a: &Args, settings: &Settings, peers: &Peers) -> Measu
         ..
     } = *settings;
     let Peers {
-        relays, present, ..
+        relays,
+        present,
+        iperf,
+        ..
     } = peers;
     let limit = Duration::from_secs_f64(duration + warmup + 30.0);
     let mut runs = Vec::new();
@@ -43,13 +48,44 @@ pub(super) fn measure_all(a: &Args, settings: &Settings, peers: &Peers) -> Measu
     let mut values: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
     let udp = matches!(a.suite, Suite::Udp | Suite::UdpCi);
     let figures = a.suite.figures();
-    let total = a.reps * a.suite.measurements().len() * present.len();
+    // The cross-check's runs only when iperf3 and proxychains4 are there.
+    let measurements: Vec<Measurement> = a
+        .suite
+        .measurements()
+        .iter()
+        .copied()
+        .filter(|m| !m.is_iperf() || matches!(iperf, CrossCheck::Ready(_)))
+        .collect();
+    let total = a.reps * measurements.len() * present.len();
     let mut done = 0;
     for rep in 0..a.reps {
         let order = rotation(present, rep);
         orders.push(order.iter().map(|k| k.name()).collect::<Vec<_>>());
-        for &m in a.suite.measurements() {
+        for &m in &measurements {
             for &k in &order {
+                if let (true, CrossCheck::Ready(ip)) = (m.is_iperf(), iperf) {
+                    let (argv, report, error) =
+                        ip.run(m, relays.get(k.name()), duration, warmup, limit);
+                    done += 1;
+                    let line = format!(
+                        "[{done}/{total}] rep {} {:<12} {:<17}",
+                        rep + 1,
+                        m.name(),
+                        k.name()
+                    );
+                    let line = collect(line, k.name(), m, &report, &error, &mut values, figures);
+                    eprintln!("{line}");
+                    runs.push(json!({
+                        "rep": rep + 1,
+                        "system": k.name(),
+                        "measurement": m.name(),
+                        "argv": argv,
+                        "error": error,
+                        "cpu_note": null,
+                        "report": report,
+                    }));
+                    continue;
+                }
                 let mut argv: Vec<String> = m.args().into_iter().map(String::from).collect();
                 let mut pids_before = Vec::new();
                 match relays.get(k.name()) {
@@ -92,28 +128,13 @@ pub(super) fn measure_all(a: &Args, settings: &Settings, peers: &Peers) -> Measu
                         }
                     }
                 }
-                let mut line = format!(
+                let line = format!(
                     "[{done}/{total}] rep {} {:<12} {:<17}",
                     rep + 1,
                     m.name(),
                     k.name()
                 );
-                if let Some(rep_json) = &report {
-                    for f in figures.iter().filter(|f| f.from == m) {
-                        if let Some(v) = value_at(rep_json, f) {
-                            values
-                                .entry(k.name().to_string())
-                                .or_default()
-                                .entry(f.key.to_string())
-                                .or_default()
-                                .push(v);
-                            line += &format!(" {} {}", f.key, fmt_num(v));
-                        }
-                    }
-                }
-                if let Some(e) = &error {
-                    line += &format!("  ERROR {e}");
-                }
+                let line = collect(line, k.name(), m, &report, &error, &mut values, figures);
                 eprintln!("{line}");
                 runs.push(json!({
                     "rep": rep + 1,
@@ -134,6 +155,36 @@ pub(super) fn measure_all(a: &Args, settings: &Settings, peers: &Peers) -> Measu
     }
 }
 
+/// Adds the figures of `m` in `report` to `values` of `system`, and them
+/// (or the error) to the progress `line`.
+fn collect(
+    mut line: String,
+    system: &str,
+    m: Measurement,
+    report: &Option<Value>,
+    error: &Option<String>,
+    values: &mut BTreeMap<String, BTreeMap<String, Vec<f64>>>,
+    figures: &[Figure],
+) -> String {
+    if let Some(rep_json) = report {
+        for f in figures.iter().filter(|f| f.from == m) {
+            if let Some(v) = value_at(rep_json, f) {
+                values
+                    .entry(system.to_string())
+                    .or_default()
+                    .entry(f.key.to_string())
+                    .or_default()
+                    .push(v);
+                line += &format!(" {} {}", f.key, fmt_num(v));
+            }
+        }
+    }
+    if let Some(e) = error {
+        line += &format!("  ERROR {e}");
+    }
+    line
+}
+
 /// `base` rotated left by `r`: the order of systems in repetition `r`.
 pub fn rotation<T: Clone>(base: &[T], r: usize) -> Vec<T> {
     let n = base.len();
@@ -146,16 +197,41 @@ pub(super) fn run_loadgen(argv: &[String], limit: Duration) -> (Option<Value>, O
         Ok(e) => e,
         Err(e) => return (None, Some(format!("current_exe: {e}"))),
     };
-    let child = Command::new(exe)
-        .args(argv)
+    let mut cmd = Command::new(exe);
+    cmd.args(argv);
+    let (stdout, stderr, status) = match run_capture(cmd, limit) {
+        Ok(x) => x,
+        Err(e) => return (None, Some(e)),
+    };
+    let report: Option<Value> = serde_json::from_str(&stdout).ok();
+    let error = match status {
+        None => Some(format!("timed out after {:.0} s", limit.as_secs_f64())),
+        Some(st) if !st.success() => Some(
+            stderr
+                .lines()
+                .rev()
+                .find(|l| l.starts_with("loadgen:"))
+                .unwrap_or("failed")
+                .to_string(),
+        ),
+        Some(_) if report.is_none() => Some("no JSON report".into()),
+        Some(_) => None,
+    };
+    (report, error)
+}
+
+/// Runs `cmd` (stdin closed) and returns its stdout, its stderr and its
+/// exit status: `None` if it ran past `limit` and was killed (by its PID).
+pub(super) fn run_capture(
+    mut cmd: Command,
+    limit: Duration,
+) -> std::result::Result<(String, String, Option<ExitStatus>), String> {
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => return (None, Some(format!("spawn: {e}"))),
-    };
+    let mut child = child.map_err(|e| format!("spawn: {e}"))?;
     let mut out = child.stdout.take().expect("piped");
     let mut err = child.stderr.take().expect("piped");
     let out_t = thread::spawn(move || {
@@ -183,21 +259,7 @@ pub(super) fn run_loadgen(argv: &[String], limit: Duration) -> (Option<Value>, O
     };
     let stdout = out_t.join().unwrap_or_default();
     let stderr = err_t.join().unwrap_or_default();
-    let report: Option<Value> = serde_json::from_str(&stdout).ok();
-    let error = match status {
-        None => Some(format!("timed out after {:.0} s", limit.as_secs_f64())),
-        Some(st) if !st.success() => Some(
-            stderr
-                .lines()
-                .rev()
-                .find(|l| l.starts_with("loadgen:"))
-                .unwrap_or("failed")
-                .to_string(),
-        ),
-        Some(_) if report.is_none() => Some("no JSON report".into()),
-        Some(_) => None,
-    };
-    (report, error)
+    Ok((stdout, stderr, status))
 }
 
 #[cfg(test)]

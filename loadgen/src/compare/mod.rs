@@ -1,20 +1,24 @@
 //! compare: the side-by-side suites. TCP (`full`, `ci`): ringsocks on its
-//! forwarding paths, direct loopback, Dante and microsocks; UDP (`udp`):
-//! ringsocks, direct loopback and Dante (the only peer with UDP
-//! ASSOCIATE). Each system is measured on the same figures, repetitions
-//! rotating the order of systems; medians and ratios to the references of
-//! the same run go to a JSON file, to the suite's block of the generated
-//! section of results/README.md and to an SVG chart.
+//! forwarding paths, direct loopback, Dante, microsocks, and (`full`)
+//! 3proxy and hev-socks5-server, built from source and named by
+//! `RINGSOCKS_PEER_3PROXY` and `RINGSOCKS_PEER_HEV`; UDP (`udp`):
+//! ringsocks, direct loopback, Dante, 3proxy and hev (microsocks has no
+//! UDP ASSOCIATE). Each system is measured on the same figures,
+//! repetitions rotating the order of systems; medians and ratios to the
+//! references of the same run go to a JSON file, to the suite's block of
+//! the generated section of results/README.md and to an SVG chart.
 //!
 //! Every measurement is one run of this same binary in a client mode
 //! (`tcp-throughput`, `tcp-latency`, `tcp-cps`, `udp`) with `--json -`,
 //! pinned with `--cpu`, so each report is exactly what that mode writes
-//! alone.
+//! alone; the `full` suite adds a third-party cross-check, iperf3 through
+//! proxychains4 at 1 and 8 streams.
 //!
 //! Layout: [`args`] is the command line; [`suite`] says what each suite
 //! runs (systems, measurements with their loadgen options, durations);
 //! [`figures`] what is read out of each run's report and which way is
-//! better; [`peers`] starts the relays and warms them up; [`measure`] runs
+//! better; [`peers`] starts the relays and warms them up; [`iperf`] runs
+//! the iperf3 cross-check; [`measure`] runs
 //! every measurement as a child process, repetition by repetition;
 //! [`stats`] takes medians and ratios; [`document`] assembles and writes
 //! the suite's JSON; [`markdown`] renders its tables and [`readme`] splices
@@ -23,6 +27,7 @@
 mod args;
 mod document;
 mod figures;
+mod iperf;
 mod markdown;
 mod measure;
 mod peers;
@@ -114,7 +119,7 @@ pub fn run(a: &Args) -> Result<()> {
         private_netns,
     };
 
-    let peers = peers::start_peers(&kinds, &ringsocks, relay_cpu)?;
+    let peers = peers::start_peers(a.suite, &kinds, &ringsocks, relay_cpu, load_cpu)?;
     if peers.present.is_empty() {
         return Err("no system to measure".into());
     }
@@ -142,6 +147,17 @@ pub fn run(a: &Args) -> Result<()> {
             svg.display(),
             a.results_dir.join("README.md").display()
         );
+    }
+    // Said again at the end, where it is not scrolled away.
+    for x in doc["skipped"].as_array().into_iter().flatten() {
+        eprintln!(
+            "compare: skipped {}: {}",
+            x["name"].as_str().unwrap_or("?"),
+            x["reason"].as_str().unwrap_or("?")
+        );
+    }
+    if let Some(why) = doc["iperf"]["skipped"].as_str() {
+        eprintln!("compare: skipped the iperf3 cross-check: {why}");
     }
     let failed = doc["runs"]
         .as_array()

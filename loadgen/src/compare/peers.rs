@@ -1,7 +1,8 @@
 //! The systems of a suite run: starting every relay once (pinned, each on
-//! its own port; one that is not installed or does not start is skipped
-//! with the reason, except ringsocks) and one untimed warm-up pass over
-//! each before the first repetition.
+//! its own port; one that is not installed, whose binary is not given, or
+//! that does not start is skipped with the reason, except ringsocks), the
+//! iperf3 cross-check's server, and one untimed warm-up pass over each
+//! relay before the first repetition.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::iperf::CrossCheck;
 use super::measure::run_loadgen;
 use super::suite::{Measurement, Suite};
 use super::Args;
@@ -17,31 +19,52 @@ use crate::common::Result;
 use crate::relays::{Kind, Relay};
 
 /// The relays started (by name), the systems present (direct loopback
-/// included, in suite order) and those skipped, with the reason.
+/// included, in suite order), those skipped, with the reason, and the
+/// iperf3 cross-check (its server, or why it is not run).
 pub(super) struct Peers {
     pub relays: BTreeMap<&'static str, Relay>,
     pub present: Vec<Kind>,
     pub skipped: Vec<Value>,
+    pub iperf: CrossCheck,
 }
 
 /// Starts every relay of `kinds` once, pinned to `relay_cpu`; they idle
 /// while the others are measured. A ringsocks that fails to start is an
-/// error; any other system is skipped with a note.
+/// error; any other system is skipped with a note, and so are the peers
+/// `suite` leaves out (microsocks in the UDP suite: no UDP ASSOCIATE).
+/// Then the iperf3 server if `suite` has the cross-check.
 pub(super) fn start_peers(
+    suite: Suite,
     kinds: &[Kind],
     ringsocks: &Path,
     relay_cpu: Option<usize>,
+    load_cpu: usize,
 ) -> Result<Peers> {
     let mut relays: BTreeMap<&'static str, Relay> = BTreeMap::new();
     let mut skipped = Vec::new();
     let mut present: Vec<Kind> = Vec::new();
+    for (k, why) in suite.left_out() {
+        eprintln!(
+            "compare: {}: {why}: not in the {} suite",
+            k.name(),
+            suite.name()
+        );
+        skipped.push(json!({"name": k.name(), "reason": why}));
+    }
     for &k in kinds {
         if k == Kind::Direct {
             present.push(k);
             continue;
         }
+        if !k.is_ringsocks() {
+            if let Err(why) = k.peer_binary() {
+                eprintln!("compare: {}: {why}: skipped", k.name());
+                skipped.push(json!({"name": k.name(), "reason": why}));
+                continue;
+            }
+        }
         match Relay::start(k, ringsocks, relay_cpu) {
-            Ok(Some(r)) => {
+            Ok(r) => {
                 eprintln!(
                     "compare: {} on {} (pid {}, {})",
                     k.name(),
@@ -52,10 +75,6 @@ pub(super) fn start_peers(
                 relays.insert(k.name(), r);
                 present.push(k);
             }
-            Ok(None) => {
-                eprintln!("compare: {} is not installed: skipped", k.name());
-                skipped.push(json!({"name": k.name(), "reason": "not installed"}));
-            }
             Err(e) if k.is_ringsocks() => return Err(format!("{}: {e}", k.name()).into()),
             Err(e) => {
                 eprintln!("compare: {} did not start ({e}): skipped", k.name());
@@ -63,10 +82,12 @@ pub(super) fn start_peers(
             }
         }
     }
+    let iperf = CrossCheck::start(suite, load_cpu);
     Ok(Peers {
         relays,
         present,
         skipped,
+        iperf,
     })
 }
 

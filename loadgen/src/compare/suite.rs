@@ -1,18 +1,21 @@
-//! What each suite runs: its systems, its measurements (one loadgen client
-//! run each, with the options below) and its durations. The UDP workloads'
-//! parameters are here too, since the tables' headings quote them.
+//! What each suite runs: its systems (and the peers it leaves out, with
+//! why), its measurements (one loadgen client run each, with the options
+//! below, or one iperf3 run for the `full` suite's cross-check) and its
+//! durations. The UDP workloads' parameters are here too, since the tables'
+//! headings quote them.
 
-use super::figures::{Figure, FIGURES, UDP_FIGURES};
+use super::figures::{Figure, CI_FIGURES, FIGURES, UDP_FIGURES};
 use crate::relays::Kind;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Suite {
-    /// All five systems, ~5 s per measurement after 1 s warmup
+    /// Every system (peers 3proxy and hev from RINGSOCKS_PEER_3PROXY and RINGSOCKS_PEER_HEV), ~5 s
+    /// per measurement after 1 s warmup, plus iperf3 through proxychains4 (1 and 8 streams)
     Full,
     /// Short (for CI): ringsocks both paths, direct, microsocks; 2 s after 0.5 s warmup
     Ci,
-    /// UDP ASSOCIATE: ringsocks, direct, Dante; 64 and 1400 B datagrams over 1, 8, 2000 associations;
-    /// 512 B plain (no GSO on either side) over 1 and 8 associations x 32
+    /// UDP ASSOCIATE: ringsocks, direct, Dante, 3proxy, hev; 64 and 1400 B datagrams over 1, 8, 2000
+    /// associations; 512 B plain (no GSO on either side) over 1 and 8 associations x 32
     Udp,
     /// Short UDP suite (for CI): ringsocks and direct; 64 and 1400 B over 8 associations x 16,
     /// 2 s after 0.5 s warmup
@@ -44,6 +47,15 @@ impl Suite {
         }
     }
 
+    /// Peers of the other suites this one leaves out, and why (said in its
+    /// output and its `skipped` list).
+    pub(super) fn left_out(self) -> Vec<(Kind, &'static str)> {
+        match self {
+            Suite::Udp => Kind::NO_UDP.to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
     /// (duration, warmup) seconds.
     pub(super) fn times(self) -> (f64, f64) {
         match self {
@@ -55,7 +67,8 @@ impl Suite {
 
     pub fn measurements(self) -> &'static [Measurement] {
         match self {
-            Suite::Full | Suite::Ci => &Measurement::TCP,
+            Suite::Full => &Measurement::FULL,
+            Suite::Ci => &Measurement::TCP,
             Suite::Udp => &Measurement::UDP,
             Suite::UdpCi => &[Measurement::Udp64x8, Measurement::Udp1400x8],
         }
@@ -63,7 +76,8 @@ impl Suite {
 
     pub fn figures(self) -> &'static [Figure] {
         match self {
-            Suite::Full | Suite::Ci => &FIGURES,
+            Suite::Full => &FIGURES,
+            Suite::Ci => &FIGURES[..CI_FIGURES],
             Suite::Udp | Suite::UdpCi => &UDP_FIGURES,
         }
     }
@@ -108,6 +122,10 @@ pub enum Measurement {
     Udp1400x2000,
     UdpPlain512x1,
     UdpPlain512x8,
+    /// The cross-check: iperf3 (through proxychains4 for a relay), 1 stream.
+    Iperf1,
+    /// The same with 8 parallel streams (`-P 8`).
+    Iperf8,
 }
 
 impl Measurement {
@@ -117,6 +135,17 @@ impl Measurement {
         Measurement::Bidir,
         Measurement::Latency,
         Measurement::Cps,
+    ];
+
+    /// The `full` suite: the TCP measurements, then the iperf3 cross-check.
+    pub const FULL: [Measurement; 7] = [
+        Measurement::Tput1,
+        Measurement::Tput16,
+        Measurement::Bidir,
+        Measurement::Latency,
+        Measurement::Cps,
+        Measurement::Iperf1,
+        Measurement::Iperf8,
     ];
 
     pub const UDP: [Measurement; 8] = [
@@ -145,7 +174,14 @@ impl Measurement {
             Measurement::Udp1400x2000 => "udp1400x2000",
             Measurement::UdpPlain512x1 => "udpplain512x1",
             Measurement::UdpPlain512x8 => "udpplain512x8",
+            Measurement::Iperf1 => "iperf1",
+            Measurement::Iperf8 => "iperf8",
         }
+    }
+
+    /// An iperf3 run (`args` are iperf3's options then), not a loadgen one.
+    pub fn is_iperf(self) -> bool {
+        matches!(self, Measurement::Iperf1 | Measurement::Iperf8)
     }
 
     /// Column heading of a UDP workload (the name for the others).
@@ -191,6 +227,8 @@ impl Measurement {
                 "8",
                 ["--window", UDP_PLAIN_WINDOW, "--plain"],
             ),
+            Measurement::Iperf1 => vec!["-P", "1"],
+            Measurement::Iperf8 => vec!["-P", "8"],
         }
     }
 }
