@@ -18,6 +18,7 @@ use super::markdown::fmt_num;
 use super::peers::Peers;
 use super::suite::{Measurement, Suite};
 use super::{Args, Settings};
+use crate::relays::{Kind, Relay};
 
 /// What the loop collected: every run (argv, error, report), the order of
 /// systems in each repetition, and the values per system and figure.
@@ -63,71 +64,15 @@ pub(super) fn measure_all(a: &Args, settings: &Settings, peers: &Peers) -> Measu
         orders.push(order.iter().map(|k| k.name()).collect::<Vec<_>>());
         for &m in &measurements {
             for &k in &order {
-                if let (true, CrossCheck::Ready(ip)) = (m.is_iperf(), iperf) {
-                    let (argv, report, error) =
-                        ip.run(m, relays.get(k.name()), duration, warmup, limit);
-                    done += 1;
-                    let line = format!(
-                        "[{done}/{total}] rep {} {:<12} {:<17}",
-                        rep + 1,
-                        m.name(),
-                        k.name()
-                    );
-                    let line = collect(line, k.name(), m, &report, &error, &mut values, figures);
-                    eprintln!("{line}");
-                    runs.push(json!({
-                        "rep": rep + 1,
-                        "system": k.name(),
-                        "measurement": m.name(),
-                        "argv": argv,
-                        "error": error,
-                        "cpu_note": null,
-                        "report": report,
-                    }));
-                    continue;
-                }
-                let mut argv: Vec<String> = m.args().into_iter().map(String::from).collect();
-                let mut pids_before = Vec::new();
-                match relays.get(k.name()) {
-                    None => argv.push("--direct".into()),
-                    // `udp` counts the relay's descendants itself, exited
-                    // ones included: only the relay's own PID is passed.
-                    Some(r) if udp => {
-                        argv.extend(["--proxy".into(), r.addr.to_string()]);
-                        argv.extend(["--pid".into(), r.pid().to_string()]);
+                let (argv, report, error, cpu_note) = match (m.is_iperf(), iperf) {
+                    (true, CrossCheck::Ready(ip)) => {
+                        let (argv, report, error) =
+                            ip.run(m, relays.get(k.name()), duration, warmup, limit);
+                        (argv, report, error, Value::Null)
                     }
-                    Some(r) => {
-                        argv.extend(["--proxy".into(), r.addr.to_string()]);
-                        pids_before = r.pids();
-                        for p in &pids_before {
-                            argv.extend(["--pid".into(), p.to_string()]);
-                        }
-                    }
-                }
-                argv.extend([
-                    "--duration".into(),
-                    duration.to_string(),
-                    "--warmup".into(),
-                    warmup.to_string(),
-                    "--cpu".into(),
-                    load_cpu.to_string(),
-                    "--quiet".into(),
-                    "--json".into(),
-                    "-".into(),
-                ]);
-                let (mut report, error) = run_loadgen(&argv, limit);
+                    _ => measure_loadgen(m, k, relays, udp, duration, warmup, load_cpu, limit),
+                };
                 done += 1;
-                // Dante forks and reaps workers: if its process set changed
-                // during the run, the CPU figure missed some of it.
-                let mut cpu_note = Value::Null;
-                if let Some(r) = relays.get(k.name()).filter(|_| !udp) {
-                    if r.pids() != pids_before {
-                        cpu_note = json!("relay process set changed during the run: CPU dropped");
-                        if let Some(rep) = report.as_mut() {
-                            rep["relay_cpu"] = Value::Null;
-                        }
-                    }
-                }
                 let line = format!(
                     "[{done}/{total}] rep {} {:<12} {:<17}",
                     rep + 1,
@@ -153,6 +98,63 @@ pub(super) fn measure_all(a: &Args, settings: &Settings, peers: &Peers) -> Measu
         orders,
         values,
     }
+}
+
+/// One loadgen run of measurement `m` on system `k` (through its relay, or direct): the
+/// command, its report or error, and a note when the relay's CPU figure had to be dropped.
+#[allow(clippy::too_many_arguments)]
+fn measure_loadgen(
+    m: Measurement,
+    k: Kind,
+    relays: &BTreeMap<&'static str, Relay>,
+    udp: bool,
+    duration: f64,
+    warmup: f64,
+    load_cpu: usize,
+    limit: Duration,
+) -> (Vec<String>, Option<Value>, Option<String>, Value) {
+    let mut argv: Vec<String> = m.args().into_iter().map(String::from).collect();
+    let mut pids_before = Vec::new();
+    match relays.get(k.name()) {
+        None => argv.push("--direct".into()),
+        // `udp` counts the relay's descendants itself, exited
+        // ones included: only the relay's own PID is passed.
+        Some(r) if udp => {
+            argv.extend(["--proxy".into(), r.addr.to_string()]);
+            argv.extend(["--pid".into(), r.pid().to_string()]);
+        }
+        Some(r) => {
+            argv.extend(["--proxy".into(), r.addr.to_string()]);
+            pids_before = r.pids();
+            for p in &pids_before {
+                argv.extend(["--pid".into(), p.to_string()]);
+            }
+        }
+    }
+    argv.extend([
+        "--duration".into(),
+        duration.to_string(),
+        "--warmup".into(),
+        warmup.to_string(),
+        "--cpu".into(),
+        load_cpu.to_string(),
+        "--quiet".into(),
+        "--json".into(),
+        "-".into(),
+    ]);
+    let (mut report, error) = run_loadgen(&argv, limit);
+    // Dante forks and reaps workers: if its process set changed
+    // during the run, the CPU figure missed some of it.
+    let mut cpu_note = Value::Null;
+    if let Some(r) = relays.get(k.name()).filter(|_| !udp) {
+        if r.pids() != pids_before {
+            cpu_note = json!("relay process set changed during the run: CPU dropped");
+            if let Some(rep) = report.as_mut() {
+                rep["relay_cpu"] = Value::Null;
+            }
+        }
+    }
+    (argv, report, error, cpu_note)
 }
 
 /// Adds the figures of `m` in `report` to `values` of `system`, and them
