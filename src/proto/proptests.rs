@@ -13,7 +13,8 @@ use super::server::{ServerHandshake, Step};
 use super::udp::{decode_udp_header, encode_udp_header, encode_udp_header_addr, UdpHeader};
 use super::{Addr, Command, Method, Rep, Users};
 
-fn arb_ip() -> impl Strategy<Value = SocketAddr> {
+/// Any IPv4 or IPv6 socket address (also used by `udp_burst`'s property tests).
+pub(super) fn arb_ip() -> impl Strategy<Value = SocketAddr> {
     prop_oneof![
         (any::<[u8; 4]>(), any::<u16>())
             .prop_map(|(ip, port)| SocketAddr::V4(SocketAddrV4::new(ip.into(), port))),

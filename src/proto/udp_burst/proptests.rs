@@ -5,13 +5,14 @@
 //! one datagram, one decision; the functions under test must give the same answers, with
 //! the payloads where the runs say and every run a send the kernel's GSO can carry.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::Index;
 
 use super::*;
+use crate::proto::proptests::arb_ip;
 use crate::proto::udp::encode_udp_header_addr;
 
 /// What `aside` saw, owned.
@@ -243,19 +244,6 @@ fn check_insert(
         prop_assert_eq!(&s[h..], *p);
     }
     Ok(true)
-}
-
-fn arb_ip() -> impl Strategy<Value = SocketAddr> {
-    prop_oneof![
-        (any::<[u8; 4]>(), any::<u16>())
-            .prop_map(|(ip, port)| SocketAddr::V4(SocketAddrV4::new(ip.into(), port))),
-        (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::V6(SocketAddrV6::new(
-            Ipv6Addr::from(ip),
-            port,
-            0,
-            0
-        ))),
-    ]
 }
 
 /// A destination from a small pool (so runs form), one of them unroutable, or any.
