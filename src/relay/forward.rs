@@ -327,11 +327,6 @@ impl Tunnel {
 
     fn on_recv<E: Engine>(&mut self, l: &mut Link<'_, '_, E>, d: Dir, c: Completion) -> Next {
         let auto = l.cx.cfg.forward == ForwardMode::Auto;
-        let buf_size =
-            l.cx.shard
-                .copy_group
-                .and_then(|g| l.cx.io.buf_pool(g))
-                .map_or(0, |(size, _)| size);
         let Flow::Copy(f) = &mut self.flows[d.index()] else {
             return Next::Go;
         };
@@ -343,12 +338,10 @@ impl Tunnel {
                 return Next::Close;
             };
             let len = c.res as u32;
+            // A receive that filled its buffer: more was probably waiting (bulk data).
+            let full = len == buf.len();
             f.queue.push_back((buf, len));
-            f.full_streak = if len == buf_size {
-                f.full_streak + 1
-            } else {
-                0
-            };
+            f.full_streak = if full { f.full_streak + 1 } else { 0 };
             if !f.sending {
                 self.send_next(l, d);
             }
