@@ -8,9 +8,12 @@
 //!   queue grows past `HIGH_WATER` cancels its receive (back-pressure) and re-arms below
 //!   `LOW_WATER`.
 //!
-//! With `--forward auto` a direction starts on copy (cheapest for small messages) and moves to
-//! splice once it carries bulk data, its destination falls behind, or the buffers run out;
-//! the move happens only when nothing it received is still queued, so bytes keep their order.
+//! With `--forward auto` a direction forwards on copy, and moves to splice when the shard's
+//! buffers run short: its destination falls behind while fewer than a quarter of the buffers
+//! are free, or none is left. Copy is the faster path on loopback and for ordinary clients
+//! (fewer, warmer copies at the receiver: results/2026-12-02-hot-buffers.md); splice is the
+//! path that holds no shared buffer while a destination is slow. The move happens only when
+//! nothing the direction received is still queued, so bytes keep their order.
 //!
 //! Short splices and sends continue from where they stopped. EOF in one direction shuts down
 //! writing toward the other side once its bytes are out, and the other direction flows on.
@@ -27,8 +30,6 @@ use crate::uring::{Completion, Data, Engine, OpId, PBuf, Pipe, Sock, SpliceEnd};
 /// Copy path: queued buffers per direction before its receive pauses, and where it resumes.
 pub(super) const HIGH_WATER: usize = 16;
 pub(super) const LOW_WATER: usize = 4;
-/// `--forward auto`: consecutive full receive buffers after which a direction moves to splice.
-pub(super) const BULK_STREAK: u32 = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum CopyMode {
@@ -46,7 +47,6 @@ struct CopyFlow {
     queue: VecDeque<(PBuf, u32)>,
     sending: bool,
     mode: CopyMode,
-    full_streak: u32,
     /// The source sent EOF; it is passed on once the queue is empty.
     eof: bool,
 }
@@ -74,7 +74,6 @@ impl Flow {
             queue: VecDeque::new(),
             sending: false,
             mode: CopyMode::Running,
-            full_streak: 0,
             eof: false,
         })
     }
@@ -337,23 +336,22 @@ impl Tunnel {
             let Data::Picked(buf) = c.data else {
                 return Next::Close;
             };
-            let len = c.res as u32;
-            // A receive that filled its buffer: more was probably waiting (bulk data).
-            let full = len == buf.len();
-            f.queue.push_back((buf, len));
-            f.full_streak = if full { f.full_streak + 1 } else { 0 };
+            f.queue.push_back((buf, c.res as u32));
             if !f.sending {
                 self.send_next(l, d);
             }
+            let scarce = auto && {
+                let free = l.cx.shard.copy_group.and_then(|g| l.cx.io.buf_pool(g));
+                free.is_none_or(|(_, available)| available < l.cx.shard.copy_scarce_below)
+            };
             let Flow::Copy(f) = &mut self.flows[d.index()] else {
                 return Next::Go;
             };
-            let bulk = f.full_streak >= BULK_STREAK;
             let stalled = f.queue.len() >= HIGH_WATER;
-            let stop = if auto && (bulk || stalled) && f.mode != CopyMode::ToSplice {
-                // Bulk data, or a destination that does not keep up: finish what the copy path
-                // holds, then continue with splice, which holds no shared buffers while the
-                // destination is slow.
+            let stop = if stalled && scarce && f.mode != CopyMode::ToSplice {
+                // A destination that does not keep up while buffers run short: finish what
+                // the copy path holds, then continue with splice, which holds no shared
+                // buffers while the destination is slow.
                 f.mode = CopyMode::ToSplice;
                 true
             } else if stalled && f.mode == CopyMode::Running {
@@ -385,7 +383,10 @@ impl Tunnel {
                 Next::Go
             }
             r if r == -libc::ENOBUFS => {
-                if auto {
+                // The ring ran dry in this turn; spare buffers refill it at the end of the turn.
+                let spares = l.cx.shard.copy_group.and_then(|g| l.cx.io.buf_pool(g));
+                let pool_empty = spares.is_none_or(|(_, available)| available == 0);
+                if auto && pool_empty {
                     // The shared pool is empty: this direction needs no pool buffer on splice.
                     f.mode = CopyMode::ToSplice;
                     self.maybe_switch_to_splice(l, d);

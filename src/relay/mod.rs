@@ -60,6 +60,9 @@ impl Resolve for crate::dns::ShardResolver {
 pub(crate) struct ShardState {
     /// The copy path's buffers (None with `--forward splice`).
     pub copy_group: Option<Group>,
+    /// `--forward auto`: with fewer free copy buffers than this, a direction whose
+    /// destination falls behind moves to splice instead of holding buffers.
+    pub copy_scarce_below: u32,
     /// UDP datagram buffers (None: UDP ASSOCIATE is off).
     pub udp_group: Option<Group>,
     /// Copy-path receives that ended for lack of buffers, to re-arm once some are back.

@@ -137,6 +137,7 @@ impl H {
         let udp = fake.add_buf_group(UDP_BUFS, 70 * 1024);
         let shard = ShardState {
             copy_group: (cfg.forward != ForwardMode::Splice).then_some(copy),
+            copy_scarce_below: u32::from(copy_bufs / 4),
             udp_group: Some(udp),
             ..ShardState::default()
         };
@@ -795,19 +796,48 @@ fn target_eof_shuts_down_the_client_while_the_upload_continues() {
 }
 
 #[test]
-fn auto_mode_moves_a_bulk_direction_to_splice_with_bytes_in_order() {
-    let mut h = H::new(&[]);
+fn auto_mode_keeps_bulk_on_copy_while_buffers_are_plentiful() {
+    let mut h = H::with_pool(&[], 64);
     let t = h.open_tunnel();
     let c = h.client;
     let up = h.recv_multi(c).unwrap();
-    let chunks: Vec<Vec<u8>> = (1..=4u8).map(|i| vec![i; COPY_BUF as usize]).collect();
-    for (i, chunk) in chunks.iter().enumerate() {
-        assert!(!h.cancelled(up), "after {i} full buffers");
+    // Full buffers in a row, then a destination that falls behind (one send in flight,
+    // HIGH_WATER queued): with 47 of 64 buffers free that is back-pressure, not splice.
+    let chunks: Vec<Vec<u8>> = (0..17u8).map(|i| vec![i; COPY_BUF as usize]).collect();
+    for chunk in &chunks[..16] {
         h.deliver(up, chunk);
     }
+    assert!(!h.cancelled(up), "bulk alone does not stop the receive");
+    h.deliver(up, &chunks[16]);
+    assert!(h.cancelled(up), "HIGH_WATER queued: receive paused");
+    h.complete(up, -libc::ECANCELED);
+    assert_eq!(h.drain_sent(t), chunks.concat());
+    assert!(!h.has(|k| matches!(k, Kind::Poll { .. })), "still on copy");
+    let again = h.recv_multi(c).expect("resumed on copy");
+    h.deliver(again, b"after");
+    assert_eq!(h.take_sent(t), b"after");
+    h.close_and_finish();
+    h.assert_buffers_back();
+}
+
+#[test]
+fn auto_mode_moves_a_stalled_direction_to_splice_when_buffers_run_short() {
+    // 32 buffers, short below 16 free: once 17 are held (one sending, HIGH_WATER queued)
+    // 15 are free.
+    let mut h = H::with_pool(&[], 32);
+    h.shard.copy_scarce_below = 16;
+    let t = h.open_tunnel();
+    let c = h.client;
+    let up = h.recv_multi(c).unwrap();
+    let chunks: Vec<Vec<u8>> = (0..17u8).map(|i| vec![i; 100]).collect();
+    for chunk in &chunks[..16] {
+        h.deliver(up, chunk);
+    }
+    assert!(!h.cancelled(up));
+    h.deliver(up, &chunks[16]);
     assert!(
         h.cancelled(up),
-        "BULK_STREAK full buffers: receive cancelled"
+        "stalled with buffers short: receive cancelled"
     );
     h.complete(up, -libc::ECANCELED);
     assert!(!h.has(|k| matches!(k, Kind::Poll { .. })), "queue first");

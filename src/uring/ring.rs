@@ -218,10 +218,16 @@ impl Ring {
     }
 
     /// Registers a provided buffer pool of `entries` (a power of two) buffers of `buf_size`
-    /// bytes. Pages are touched lazily, so unused buffers cost no resident memory.
-    pub(crate) fn add_buf_group(&mut self, entries: u16, buf_size: u32) -> io::Result<Group> {
+    /// bytes, of which the kernel is offered `exposed` at a time (see [`BufPool`]). Pages are
+    /// touched lazily, so unused buffers cost no resident memory.
+    pub(crate) fn add_buf_group(
+        &mut self,
+        entries: u16,
+        buf_size: u32,
+        exposed: u16,
+    ) -> io::Result<Group> {
         let group = Group(self.pools.len() as u16);
-        let pool = Rc::new(BufPool::for_ring(group, entries, buf_size)?);
+        let pool = Rc::new(BufPool::for_ring(group, entries, buf_size, exposed)?);
         let addr = pool.ring_addr().expect("a ring pool has an entry ring");
         // SAFETY: the entry ring is page aligned, sized for `entries`, and owned by `pool`,
         // which this ring keeps (an `Rc`) until it has unregistered the group (Drop), or leaks
