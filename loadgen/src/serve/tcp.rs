@@ -20,7 +20,10 @@ use super::target::Counters;
 const MAX_WORKERS: usize = 4096;
 /// Stack of a worker: buffers are on the heap.
 pub(super) const WORKER_STACK: usize = 128 * 1024;
-pub const BULK_BUF: usize = 256 * 1024;
+/// Bytes per `read`/`write` of a bulk stream, on both ends: 128 KiB, iperf3's default, so that
+/// loadgen's bulk rows see what an ordinary client's writes see (results/2026-12-02-iperf-write-size.md:
+/// the write size changes which forwarding path is ahead).
+pub const BULK_BUF: usize = 128 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
