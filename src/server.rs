@@ -363,6 +363,7 @@ impl Shard {
             for owner in expired.drain(..) {
                 self.on_timer(owner);
             }
+            self.flush_copies();
             self.flush_datagrams();
             self.env.ring.publish_buffers();
             self.rearm_starved();
@@ -378,6 +379,21 @@ impl Shard {
         }
         info!(shard = self.id, "shard stopped");
         Ok(())
+    }
+
+    /// Sends what copy-path tunnels received during this turn, one vectored send each.
+    fn flush_copies(&mut self) {
+        let env = &mut self.env;
+        let listed = std::mem::take(&mut env.state.copy_flush);
+        for (id, d) in listed.iter().copied() {
+            self.conns.with(env, id, |c, cx| c.flush_copy(cx, d));
+        }
+        // Hand the list's memory back for the next turn.
+        let mut listed = listed;
+        listed.clear();
+        if env.state.copy_flush.is_empty() {
+            env.state.copy_flush = listed;
+        }
     }
 
     /// Sends the single datagrams that associations gathered during this turn, in batches.

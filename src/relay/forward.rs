@@ -3,10 +3,12 @@
 //! - **splice**: wait for readability with a poll (holding nothing), borrow a pipe from the
 //!   shard's pool, splice socket -> pipe -> socket, and give the pipe back once it is empty.
 //!   Every splice is non-blocking, so no io-wq worker parks on an idle socket.
-//! - **copy**: a multishot receive into the shard's provided buffers; each buffer is sent on
-//!   and goes back to the kernel when its send completes (its handle drops). A direction whose
-//!   queue grows past `HIGH_WATER` cancels its receive (back-pressure) and re-arms below
-//!   `LOW_WATER`.
+//! - **copy**: a multishot receive into the shard's provided buffers; what a turn received is
+//!   sent at the end of the turn with vectored sends (`MAX_SEND_CHUNKS` buffers each), so
+//!   the destination gets large segments instead of one per 16 KiB buffer, and each buffer goes
+//!   back to the kernel when the send that carried it completes (its handle drops). A
+//!   direction whose queue grows past `HIGH_WATER` cancels its receive (back-pressure) and
+//!   re-arms below `LOW_WATER`.
 //!
 //! With `--forward auto` a direction forwards on copy, and moves to splice when the shard's
 //! buffers run short: its destination falls behind while fewer than a quarter of the buffers
@@ -25,11 +27,14 @@ use super::token::{ConnId, Dir, Op};
 use super::Ctx;
 use crate::config::ForwardMode;
 use crate::proto::Addr;
-use crate::uring::{Completion, Data, Engine, OpId, PBuf, Pipe, Sock, SpliceEnd};
+use crate::uring::{Chunk, Completion, Data, Engine, OpId, Pipe, Sock, SpliceEnd};
 
 /// Copy path: queued buffers per direction before its receive pauses, and where it resumes.
 pub(super) const HIGH_WATER: usize = 16;
 pub(super) const LOW_WATER: usize = 4;
+/// Copy path: buffers carried by one vectored send at most. Two (32 KiB) measured best: one
+/// stream's throughput halved at four and eight (results/2026-12-02-hot-buffers.md).
+pub(super) const MAX_SEND_CHUNKS: usize = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum CopyMode {
@@ -43,9 +48,11 @@ enum CopyMode {
 
 struct CopyFlow {
     recv_op: Option<OpId>,
-    /// Received buffers (and their lengths) waiting to be sent, in order.
-    queue: VecDeque<(PBuf, u32)>,
+    /// Received bytes waiting to be sent, in order.
+    queue: VecDeque<Chunk>,
     sending: bool,
+    /// Listed in `ShardState::copy_flush`: a send starts at the end of this turn.
+    flush_listed: bool,
     mode: CopyMode,
     /// The source sent EOF; it is passed on once the queue is empty.
     eof: bool,
@@ -72,6 +79,7 @@ impl Flow {
         Flow::Copy(CopyFlow {
             recv_op: None,
             queue: VecDeque::new(),
+            flush_listed: false,
             sending: false,
             mode: CopyMode::Running,
             eof: false,
@@ -315,13 +323,27 @@ impl Tunnel {
         let Flow::Copy(f) = &mut self.flows[d.index()] else {
             return;
         };
-        let Some((buf, len)) = f.queue.pop_front() else {
+        let n = f.queue.len().min(MAX_SEND_CHUNKS);
+        if n == 0 {
             f.sending = false;
             return;
-        };
+        }
+        let chunks: Vec<Chunk> = f.queue.drain(..n).collect();
         f.sending = true;
         *l.inflight += 1;
-        l.cx.io.send_buf(dst, buf, 0, len, l.id.owner(Op::Send(d)));
+        l.cx.io.send_bufs(dst, chunks, l.id.owner(Op::Send(d)));
+    }
+
+    /// The end of the turn for a direction listed in `ShardState::copy_flush`: send what the
+    /// turn received, unless a send is still out (its completion sends the rest).
+    fn flush_turn<E: Engine>(&mut self, l: &mut Link<'_, '_, E>, d: Dir) {
+        let Flow::Copy(f) = &mut self.flows[d.index()] else {
+            return;
+        };
+        f.flush_listed = false;
+        if !f.sending {
+            self.send_next(l, d);
+        }
     }
 
     fn on_recv<E: Engine>(&mut self, l: &mut Link<'_, '_, E>, d: Dir, c: Completion) -> Next {
@@ -336,9 +358,11 @@ impl Tunnel {
             let Data::Picked(buf) = c.data else {
                 return Next::Close;
             };
-            f.queue.push_back((buf, c.res as u32));
-            if !f.sending {
-                self.send_next(l, d);
+            f.queue.push_back(Chunk::new(buf, c.res as u32));
+            if !f.sending && !f.flush_listed {
+                // Sent at the end of the turn, with whatever else this turn receives.
+                f.flush_listed = true;
+                l.cx.shard.copy_flush.push((l.id, d));
             }
             let scarce = auto && {
                 let free = l.cx.shard.copy_group.and_then(|g| l.cx.io.buf_pool(g));
@@ -408,22 +432,31 @@ impl Tunnel {
     }
 
     fn on_send<E: Engine>(&mut self, l: &mut Link<'_, '_, E>, d: Dir, c: Completion) -> Next {
-        let Data::Pbuf { buf, off, end } = c.data else {
+        let Data::Chunks(chunks) = c.data else {
             return Next::Close;
         };
         if c.res <= 0 {
             return Next::Fail(if c.res == 0 { -libc::EPIPE } else { c.res });
         }
-        let off = off + c.res as u32;
-        if off < end {
-            let (_, dst) = self.socks(l.client, d);
-            *l.inflight += 1;
-            l.cx.io
-                .send_buf(dst, buf, off, end, l.id.owner(Op::Send(d)));
+        let Flow::Copy(f) = &mut self.flows[d.index()] else {
             return Next::Go;
+        };
+        // Buffers that are out drop here, which gives them back to the kernel; the rest of a
+        // short send goes back to the front of the queue, in order.
+        let mut sent = c.res as u32;
+        let mut rest = Vec::new();
+        for mut chunk in chunks {
+            if sent >= chunk.len() {
+                sent -= chunk.len();
+            } else {
+                chunk.off += sent;
+                sent = 0;
+                rest.push(chunk);
+            }
         }
-        // The buffer is out: dropping its handle gives it back to the kernel.
-        drop(buf);
+        for chunk in rest.into_iter().rev() {
+            f.queue.push_front(chunk);
+        }
         self.send_next(l, d);
         let Flow::Copy(f) = &self.flows[d.index()] else {
             return Next::Go;
@@ -589,6 +622,17 @@ impl Conn {
             Op::Recv(_) => t.on_recv(l, d, c),
             Op::Send(_) => t.on_send(l, d, c),
             _ => Next::Go,
+        });
+    }
+
+    /// The end of a loop turn: send what copy-path direction `d` received in it.
+    pub(crate) fn flush_copy<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, d: Dir) {
+        if self.is_closing() {
+            return;
+        }
+        self.with_tunnel(cx, |t, l| {
+            t.flush_turn(l, d);
+            Next::Go
         });
     }
 

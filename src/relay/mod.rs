@@ -71,6 +71,8 @@ pub(crate) struct ShardState {
     pub udp_starved: Vec<(ConnId, Side)>,
     /// Bytes held by fragment reassembly queues on this shard.
     pub frag_bytes: usize,
+    /// Copy-path directions that received this turn and send at its end (`Conn::flush_copy`).
+    pub copy_flush: Vec<(ConnId, Dir)>,
     /// Associations holding single datagrams to send as batches at the end of the turn
     /// (`Conn::flush_udp`).
     pub udp_flush: Vec<ConnId>,

@@ -16,7 +16,7 @@ use std::time::Instant;
 use super::bufring::{BufPool, Group, PBuf};
 use super::files::{Sock, SockRepr};
 use super::pipes::Pipe;
-use super::{Completion, Data, Engine, OpId, Owner, SpliceEnd};
+use super::{Chunk, Completion, Data, Engine, OpId, Owner, SpliceEnd};
 
 /// What an op was asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,9 +34,11 @@ pub(crate) enum Kind {
     RecvMsgMulti {
         sock: u32,
     },
+    /// A vectored send of provided-buffer chunks: their bytes, concatenated, and how many.
     SendBuf {
         sock: u32,
         bytes: Vec<u8>,
+        chunks: usize,
     },
     SendBufTo {
         sock: u32,
@@ -82,11 +84,7 @@ enum Held {
         buf: Vec<u8>,
         off: usize,
     },
-    Pbuf {
-        buf: PBuf,
-        off: u32,
-        end: u32,
-    },
+    Chunks(Vec<Chunk>),
     PbufMsg {
         buf: PBuf,
         off: u32,
@@ -219,7 +217,7 @@ impl Fake {
                 }
                 Data::Buf { buf, off }
             }
-            Held::Pbuf { buf, off, end } => Data::Pbuf { buf, off, end },
+            Held::Chunks(chunks) => Data::Chunks(chunks),
             Held::PbufMsg {
                 buf,
                 off,
@@ -360,12 +358,17 @@ impl Engine for Fake {
         self.record(owner, kind, Held::None, Some(group))
     }
 
-    fn send_buf(&mut self, sock: &Sock, buf: PBuf, off: u32, end: u32, owner: Owner) -> OpId {
+    fn send_bufs(&mut self, sock: &Sock, mut chunks: Vec<Chunk>, owner: Owner) -> OpId {
+        chunks.iter_mut().for_each(Chunk::clamp);
         let kind = Kind::SendBuf {
             sock: sock_id(sock),
-            bytes: range_of(&buf, off, end),
+            bytes: chunks
+                .iter()
+                .flat_map(|c| range_of(&c.buf, c.off, c.end))
+                .collect(),
+            chunks: chunks.len(),
         };
-        self.record(owner, kind, Held::Pbuf { buf, off, end }, None)
+        self.record(owner, kind, Held::Chunks(chunks), None)
     }
 
     fn send_buf_to(

@@ -59,8 +59,8 @@ pub(crate) enum Data {
     /// A provided buffer that a multishot receive filled (`res` bytes; with recvmsg, laid out
     /// as [`recvmsg`] says).
     Picked(PBuf),
-    /// A `send_buf`'s buffer and range.
-    Pbuf { buf: PBuf, off: u32, end: u32 },
+    /// A `send_bufs`' chunks, as given; the send sent `res` bytes from their start.
+    Chunks(Vec<Chunk>),
     /// A `send_buf_to`'s buffer, range, segment size and destination.
     PbufMsg {
         buf: PBuf,
@@ -73,6 +73,35 @@ pub(crate) enum Data {
     Datagram(#[allow(dead_code)] Vec<u8>),
     /// A new connection from a multishot accept.
     Accepted(OwnedFd),
+}
+
+/// Bytes `off..end` of a provided buffer, for a vectored send.
+#[derive(Debug)]
+pub(crate) struct Chunk {
+    pub buf: PBuf,
+    pub off: u32,
+    pub end: u32,
+}
+
+impl Chunk {
+    /// The whole of what a receive put in `buf`.
+    pub(crate) fn new(buf: PBuf, len: u32) -> Chunk {
+        Chunk {
+            buf,
+            off: 0,
+            end: len,
+        }
+    }
+
+    pub(crate) fn len(&self) -> u32 {
+        self.end - self.off
+    }
+
+    /// Clamps the range into the buffer, so that no op can be handed a range outside it.
+    pub(crate) fn clamp(&mut self) {
+        self.end = self.end.min(self.buf.len());
+        self.off = self.off.min(self.end);
+    }
 }
 
 /// A finished (or, for multishot ops, a progressing) operation.
@@ -105,8 +134,9 @@ pub(crate) trait Engine {
     fn recv_multi(&mut self, sock: &Sock, group: Group, owner: Owner) -> OpId;
     /// Multishot recvmsg into buffers of `group`, laid out as [`recvmsg`] says.
     fn recvmsg_multi(&mut self, sock: &Sock, group: Group, owner: Owner) -> OpId;
-    /// Sends bytes `off..end` of a provided buffer on a connected socket.
-    fn send_buf(&mut self, sock: &Sock, buf: PBuf, off: u32, end: u32, owner: Owner) -> OpId;
+    /// Sends the chunks, in order, with one `sendmsg` (one iovec per chunk) on a connected
+    /// socket. The chunks come back with the completion ([`Data::Chunks`]).
+    fn send_bufs(&mut self, sock: &Sock, chunks: Vec<Chunk>, owner: Owner) -> OpId;
     /// Sends bytes `off..end` of a provided buffer to `dest` with `sendmsg`: one datagram when
     /// `gso` is 0, else UDP GSO segments of `gso` bytes (the last may be shorter).
     #[allow(clippy::too_many_arguments)]

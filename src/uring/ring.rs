@@ -23,7 +23,7 @@ use super::bufring::{BufPool, Group, PBuf};
 use super::files::{FileTable, Sock, SockRepr, Target};
 use super::pipes::{Pipe, PipePool};
 use super::timer::Wheel;
-use super::{Completion, Data, Engine, OpId, Owner, SpliceEnd};
+use super::{Chunk, Completion, Data, Engine, OpId, Owner, SpliceEnd};
 
 /// Builds an SQE for either kind of [`Target`]: `$f` is bound to `types::Fd` or `types::Fixed`.
 macro_rules! on_target {
@@ -68,8 +68,9 @@ enum OpMem {
     Addr(#[allow(dead_code)] Box<SockAddr>),
     /// The expiry of a `Timeout` op (held, not read).
     Time(#[allow(dead_code)] Box<types::Timespec>),
-    /// A provided buffer that a send reads (`off..end`).
-    Pbuf { buf: PBuf, off: u32, end: u32 },
+    /// Provided-buffer ranges that a vectored send reads; the slot's message bundle points
+    /// at them.
+    Chunks(Vec<Chunk>),
     /// A provided buffer sent with `sendmsg` to `dest` (GSO segments of `gso` bytes when
     /// non-zero). The op slot's message bundle points at it.
     PbufMsg {
@@ -96,6 +97,25 @@ struct MsgBundle {
     iov: libc::iovec,
     name: SockAddr,
     cmsg: SegmentCmsg,
+    /// The iovecs of a vectored stream send (`send_bufs`), one per chunk.
+    iovs: Vec<libc::iovec>,
+}
+
+impl MsgBundle {
+    fn new() -> Box<MsgBundle> {
+        Box::new(MsgBundle {
+            // SAFETY: msghdr is plain old data; all-zero is a valid value.
+            hdr: unsafe { std::mem::zeroed() },
+            iov: libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            },
+            name: SockAddr::from(SocketAddr::from(([0, 0, 0, 0], 0))),
+            // SAFETY: as above, for cmsghdr.
+            cmsg: unsafe { std::mem::zeroed() },
+            iovs: Vec::new(),
+        })
+    }
 }
 
 /// A `UDP_SEGMENT` control message: `CMSG_SPACE(sizeof(u16))` bytes.
@@ -525,7 +545,7 @@ impl Ring {
                 buf.truncate(off + res.max(0) as usize);
                 Data::Buf { buf, off }
             }
-            (None, None, OpMem::Pbuf { buf, off, end }) => Data::Pbuf { buf, off, end },
+            (None, None, OpMem::Chunks(chunks)) => Data::Chunks(chunks),
             (
                 None,
                 None,
@@ -637,15 +657,32 @@ impl Engine for Ring {
         OpId(ud)
     }
 
-    fn send_buf(&mut self, sock: &Sock, buf: PBuf, off: u32, end: u32, owner: Owner) -> OpId {
-        let end = end.min(buf.len());
-        let off = off.min(end);
-        let ptr = buf.ptr(off);
-        let ud = self.alloc(Waiter::Owner(owner), OpMem::Pbuf { buf, off, end }, None);
-        let sqe = send_sqe(sock.target(), ptr, end - off, None);
-        // SAFETY: `ptr` points into the pool's data block at `off..end` (clamped to the buffer
-        // above); the buffer's handle moved into this op's slot, which keeps the buffer out of
-        // the kernel's ring and the pool's memory alive until the final completion.
+    fn send_bufs(&mut self, sock: &Sock, mut chunks: Vec<Chunk>, owner: Owner) -> OpId {
+        chunks.iter_mut().for_each(Chunk::clamp);
+        let ud = self.alloc(Waiter::Owner(owner), OpMem::Chunks(chunks), None);
+        let OpSlot { mem, msg, .. } = &mut self.slots[slot_index(ud)];
+        let OpMem::Chunks(chunks) = mem else {
+            unreachable!("allocated with chunks just above")
+        };
+        let m = msg.get_or_insert_with(MsgBundle::new);
+        m.iovs.clear();
+        m.iovs.extend(chunks.iter().map(|c| libc::iovec {
+            iov_base: c.buf.ptr(c.off) as *mut libc::c_void,
+            iov_len: c.len() as usize,
+        }));
+        // SAFETY: msghdr is plain old data; all-zero is a valid value (no name, no control).
+        m.hdr = unsafe { std::mem::zeroed() };
+        m.hdr.msg_iov = m.iovs.as_mut_ptr();
+        m.hdr.msg_iovlen = m.iovs.len();
+        let hdr: *const libc::msghdr = &m.hdr;
+        let sqe = on_target!(sock.target(), f => opcode::SendMsg::new(f, hdr)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build());
+        // SAFETY: the msghdr and its iovec array live in the box owned by this op's slot,
+        // which is neither reused nor freed (nor the array resized) before the op's final
+        // completion. Each iovec points at `off..end` (clamped above) of a buffer whose handle
+        // moved into the slot with its chunk, which keeps the buffer and its pool's memory
+        // until that completion.
         unsafe { self.push(sqe.user_data(ud)) };
         OpId(ud)
     }
@@ -675,19 +712,7 @@ impl Engine for Ring {
             None,
         );
         let slot = &mut self.slots[slot_index(ud)];
-        let m = slot.msg.get_or_insert_with(|| {
-            Box::new(MsgBundle {
-                // SAFETY: msghdr is plain old data; all-zero is a valid value.
-                hdr: unsafe { std::mem::zeroed() },
-                iov: libc::iovec {
-                    iov_base: std::ptr::null_mut(),
-                    iov_len: 0,
-                },
-                name: SockAddr::from(dest),
-                // SAFETY: as above, for cmsghdr.
-                cmsg: unsafe { std::mem::zeroed() },
-            })
-        });
+        let m = slot.msg.get_or_insert_with(MsgBundle::new);
         m.name = SockAddr::from(dest);
         m.iov = libc::iovec {
             iov_base: ptr as *mut libc::c_void,
