@@ -9,7 +9,20 @@
 //! When that read completes, the shard calls [`ShardResolver::drain`].
 //!
 //! The per-shard cache lives in the [`ShardResolver`], which only its shard
-//! touches, so cache hits take no locks and cost no system call.
+//! touches, so cache hits take no locks and cost no system call. So does the
+//! list of names in flight: connections asking for a name already being looked
+//! up wait for the same answer (one job per name per shard).
+//!
+//! A client must not be able to starve the others by asking for names whose
+//! servers never answer (each occupies a thread for the whole resolver
+//! timeout). So the pool is fair by construction: a job runs only while its
+//! parent domain (last two labels) is under a quarter of the threads and its
+//! client under half; a job still queued when its connection's connect timeout
+//! has passed is answered `Failed` without a lookup (and not cached); and the
+//! queue is bounded, overall and per domain, a full one failing new lookups at
+//! once. Names that answer therefore always find a thread within the time it
+//! takes to run one lookup (tests/e2e/dns.rs measures it with 1,000 lookups
+//! that never answer in flight).
 //!
 //! Wake-ups are coalesced with an atomic "notified" flag: a worker only writes
 //! to the pipe if it is the one that set the flag, and `drain` clears the flag
@@ -19,14 +32,13 @@
 //! Because at most one byte per drain is outstanding, the worker's blocking write
 //! cannot fill the 64 KiB pipe buffer.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{PipeReader, PipeWriter, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -67,12 +79,30 @@ pub enum ResolveError {
     Failed,
 }
 
+/// Lookups that may run at once for names under one parent domain (its last two labels), as a
+/// share of the pool's threads: a domain whose servers never answer can hold at most this many
+/// threads in `getaddrinfo`, and every other name still finds one free.
+const DOMAIN_SHARE_DIVISOR: usize = 4;
+/// Lookups that may run at once for one client address, as a share of the pool's threads.
+const CLIENT_SHARE_DIVISOR: usize = 2;
+/// Lookups waiting for a thread, in all, and under one parent domain. Past these a lookup
+/// fails at once (`Failed`, not cached) instead of queueing behind work that may never end.
+const MAX_QUEUED: usize = 4096;
+const MAX_QUEUED_PER_DOMAIN: usize = 256;
+/// How often idle workers look for queued lookups whose deadline has passed.
+const SWEEP: Duration = Duration::from_millis(250);
+
 /// A queued lookup. The mailbox is weak so that work for a shard that has
 /// gone away is skipped instead of resolved and thrown away.
 struct Job {
     name: String,
     port: u16,
-    token: u64,
+    /// The parent domain (fair share) and the asking client, if known.
+    domain: Box<str>,
+    client: Option<IpAddr>,
+    /// Past this the asking connection has given up: the job is answered `Failed` (uncached)
+    /// without a lookup.
+    deadline: Instant,
     mailbox: Weak<Mailbox>,
 }
 
@@ -80,8 +110,9 @@ struct Job {
 struct Answer {
     key: Box<[u8]>,
     port: u16,
-    token: u64,
     result: Result<Vec<SocketAddr>, ResolveError>,
+    /// False for a job that expired in the queue: no lookup ran, so nothing is cached.
+    cacheable: bool,
 }
 
 /// Where workers leave answers for one shard.
@@ -121,15 +152,111 @@ impl Mailbox {
     }
 }
 
+/// The queue of the pool and what its workers are running, under one lock (taken once per
+/// lookup queued, started and finished: never on a shard's cache hit).
+#[derive(Default)]
+struct Sched {
+    queue: VecDeque<Job>,
+    queued_per_domain: HashMap<Box<str>, usize>,
+    running_per_domain: HashMap<Box<str>, usize>,
+    running_per_client: HashMap<IpAddr, usize>,
+    closed: bool,
+}
+
+fn bump<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: K) {
+    *map.entry(key).or_insert(0) += 1;
+}
+
+fn unbump<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = map.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
+}
+
+impl Sched {
+    /// Takes the oldest queued job whose domain and client are under their shares; jobs past
+    /// their deadline (or whose shard is gone) leave the queue on the way, into `expired`.
+    fn next(
+        &mut self,
+        now: Instant,
+        shares: (usize, usize),
+        expired: &mut Vec<Job>,
+    ) -> Option<Job> {
+        let (domain_share, client_share) = shares;
+        let mut i = 0;
+        while i < self.queue.len() {
+            let job = &self.queue[i];
+            if job.deadline <= now || job.mailbox.strong_count() == 0 {
+                let job = self.queue.remove(i).expect("index checked");
+                unbump(&mut self.queued_per_domain, &job.domain);
+                expired.push(job);
+                continue;
+            }
+            let domain_ok = self
+                .running_per_domain
+                .get(&job.domain)
+                .copied()
+                .unwrap_or(0)
+                < domain_share;
+            let client_ok = job.client.is_none_or(|c| {
+                self.running_per_client.get(&c).copied().unwrap_or(0) < client_share
+            });
+            if domain_ok && client_ok {
+                let job = self.queue.remove(i).expect("index checked");
+                unbump(&mut self.queued_per_domain, &job.domain);
+                bump(&mut self.running_per_domain, job.domain.clone());
+                if let Some(c) = job.client {
+                    bump(&mut self.running_per_client, c);
+                }
+                return Some(job);
+            }
+            i += 1;
+        }
+        None
+    }
+
+    fn finished(&mut self, job: &Job) {
+        unbump(&mut self.running_per_domain, &job.domain);
+        if let Some(c) = job.client {
+            unbump(&mut self.running_per_client, &c);
+        }
+    }
+}
+
+struct Pool {
+    sched: Mutex<Sched>,
+    /// Signalled when a job is queued or one finishes (which may make others eligible).
+    work: Condvar,
+    /// (per parent domain, per client) lookups running at once at most.
+    shares: (usize, usize),
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Sched> {
+        self.sched.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// The thread pool, shared by all shards.
+///
+/// Fair by construction rather than fast by luck: a lookup runs only while its parent
+/// domain and its client are under their shares of the threads, waits at most until its
+/// connection's deadline, and the queue is bounded overall and per domain. So names whose
+/// servers never answer can hold only their domain's share of the threads, and a name that
+/// is answered at once still finds a free one.
 pub struct Resolver {
-    // Dropping the last sender (when the last `Arc<Resolver>` goes) makes the
-    // workers' `recv` fail, which is how they learn to exit.
-    jobs: Sender<Job>,
-    // Keeps the queue open for pools without workers, and lets tests watch
-    // the workers go away.
-    #[cfg(test)]
-    queue: Arc<Mutex<Receiver<Job>>>,
+    pool: Arc<Pool>,
+}
+
+impl Drop for Resolver {
+    fn drop(&mut self) {
+        // Workers exit once they see the pool closed (those inside getaddrinfo, after it).
+        self.pool.lock().closed = true;
+        self.pool.work.notify_all();
+    }
 }
 
 impl Resolver {
@@ -150,17 +277,20 @@ impl Resolver {
     /// `new` without the lower bound: tests use 0 workers to get a pool that
     /// accepts jobs but never answers.
     fn spawn(threads: usize) -> Arc<Resolver> {
-        let (jobs, rx) = mpsc::channel::<Job>();
-        // std's mpsc receiver is single-consumer; a mutex shares it. Only the
-        // idle worker parked in `recv` holds it, the others wait for it, which
-        // is exactly the queueing we want.
-        let rx = Arc::new(Mutex::new(rx));
+        let pool = Arc::new(Pool {
+            sched: Mutex::new(Sched::default()),
+            work: Condvar::new(),
+            shares: (
+                (threads / DOMAIN_SHARE_DIVISOR).max(1),
+                (threads / CLIENT_SHARE_DIVISOR).max(1),
+            ),
+        });
         let mut started = 0;
         for n in 0..threads {
-            let rx = Arc::clone(&rx);
+            let pool = Arc::clone(&pool);
             let spawned = thread::Builder::new()
                 .name(format!("ringsocks-dns-{n}"))
-                .spawn(move || worker(&rx));
+                .spawn(move || worker(&pool));
             match spawned {
                 Ok(_) => started += 1,
                 Err(e) => tracing::warn!("cannot start resolver thread {n}: {e}"),
@@ -173,33 +303,83 @@ impl Resolver {
         if started < threads {
             tracing::warn!("running with {started} of {threads} resolver threads");
         }
-        Arc::new(Resolver {
-            jobs,
-            #[cfg(test)]
-            queue: rx,
-        })
+        Arc::new(Resolver { pool })
+    }
+
+    /// Queues a job; false when the queue (overall or for the job's domain) is full or the
+    /// pool is closed.
+    fn submit(&self, job: Job) -> bool {
+        let mut sched = self.pool.lock();
+        if sched.closed
+            || sched.queue.len() >= MAX_QUEUED
+            || sched
+                .queued_per_domain
+                .get(&job.domain)
+                .copied()
+                .unwrap_or(0)
+                >= MAX_QUEUED_PER_DOMAIN
+        {
+            return false;
+        }
+        bump(&mut sched.queued_per_domain, job.domain.clone());
+        sched.queue.push_back(job);
+        drop(sched);
+        self.pool.work.notify_one();
+        true
     }
 }
 
-fn worker(rx: &Mutex<Receiver<Job>>) {
+fn worker(pool: &Pool) {
+    let mut expired = Vec::new();
     loop {
-        // The guard is a temporary, dropped before the lookup runs.
-        let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
-        let Ok(job) = job else { return };
-        // The shard went away while the job waited: skip the lookup.
-        if job.mailbox.strong_count() == 0 {
-            continue;
+        let job = {
+            let mut sched = pool.lock();
+            loop {
+                if sched.closed {
+                    return;
+                }
+                let job = sched.next(Instant::now(), pool.shares, &mut expired);
+                if job.is_some() || !expired.is_empty() {
+                    break job;
+                }
+                sched = pool
+                    .work
+                    .wait_timeout(sched, SWEEP)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+        };
+        // Their connections have given up: answer without a lookup, and cache nothing.
+        for job in expired.drain(..) {
+            answer(job, Err(ResolveError::Failed), false);
         }
+        let Some(job) = job else { continue };
         let result = resolve(&job.name, job.port);
-        if let Some(mailbox) = job.mailbox.upgrade() {
-            mailbox.deliver(Answer {
-                key: job.name.into_bytes().into_boxed_slice(),
-                port: job.port,
-                token: job.token,
-                result,
-            });
-        }
+        pool.lock().finished(&job);
+        // Others may be eligible now that this domain and client run one fewer.
+        pool.work.notify_all();
+        answer(job, result, true);
     }
+}
+
+/// Hands a job's outcome to its shard (if it is still there).
+fn answer(job: Job, result: Result<Vec<SocketAddr>, ResolveError>, cacheable: bool) {
+    if let Some(mailbox) = job.mailbox.upgrade() {
+        mailbox.deliver(Answer {
+            key: job.name.into_bytes().into_boxed_slice(),
+            port: job.port,
+            result,
+            cacheable,
+        });
+    }
+}
+
+/// The parent domain of a name for the fair share: its last two labels ("a.b.example.com" ->
+/// "example.com"), case-folded; a name of one or two labels is its own.
+fn parent_domain(name: &str) -> Box<str> {
+    let name = name.trim_end_matches('.');
+    let cut = name.rmatch_indices('.').nth(1).map_or(0, |(i, _)| i + 1);
+    name[cut..].to_ascii_lowercase().into_boxed_str()
 }
 
 /// The blocking part: getaddrinfo, keeping its (RFC 6724) order, without
@@ -273,6 +453,12 @@ struct Entry {
 pub struct ShardResolver {
     resolver: Arc<Resolver>,
     mailbox: Arc<Mailbox>,
+    /// How long a queued lookup may wait for a thread (the connect timeout: after it, the
+    /// connection that asked has given up).
+    patience: Duration,
+    /// Names being looked up, with the connections waiting for each (token, port): a second
+    /// connection asking for a name in flight waits for the same answer.
+    pending: HashMap<Box<[u8]>, Vec<(u64, u16)>>,
     // SipHash (the default) on purpose: names come from clients, and a
     // predictable hash would let them force collisions.
     cache: HashMap<Box<[u8]>, Entry>,
@@ -282,10 +468,12 @@ impl ShardResolver {
     /// Creates the shard's mailbox and wake-up pipe. The pipe is blocking,
     /// which suits io_uring (it polls pipes internally); the shard never reads
     /// it with a plain `read(2)`.
-    pub fn new(resolver: Arc<Resolver>) -> std::io::Result<ShardResolver> {
+    pub fn new(resolver: Arc<Resolver>, patience: Duration) -> std::io::Result<ShardResolver> {
         let (reader, writer) = std::io::pipe()?;
         Ok(ShardResolver {
             resolver,
+            patience,
+            pending: HashMap::new(),
             mailbox: Arc::new(Mailbox {
                 answers: Mutex::new(Vec::new()),
                 notified: AtomicBool::new(false),
@@ -308,15 +496,16 @@ impl ShardResolver {
     /// need no lookup: IP literals (`Ok`) and names getaddrinfo cannot take
     /// (`Err(Failed)`: not UTF-8, NUL, empty, longer than 255 bytes).
     ///
-    /// Miss -> the job is queued to the pool, tagged with `token`, and `None`
-    /// is returned; the answer comes back via [`drain`](Self::drain).
-    /// Concurrent misses for the same name are each queued (no coalescing:
-    /// they are rare, and the cache absorbs everything after the first answer).
+    /// Miss -> the job is queued to the pool for `client` (its fair share), tagged with
+    /// `token`, and `None` is returned; the answer comes back via [`drain`](Self::drain).
+    /// A miss for a name already in flight waits for that lookup's answer. A full queue
+    /// fails at once (`Err(Failed)`, not cached).
     pub fn lookup(
         &mut self,
         name: &[u8],
         port: u16,
         token: u64,
+        client: Option<IpAddr>,
         now: Instant,
     ) -> Option<Result<Addrs, ResolveError>> {
         if name.is_empty() || name.len() > MAX_NAME_LEN || name.contains(&0) {
@@ -342,19 +531,28 @@ impl ShardResolver {
             self.cache.remove(&key);
         }
 
+        if let Some(waiting) = self.pending.get_mut(&key) {
+            waiting.push((token, port));
+            return None;
+        }
         let job = Job {
             name: text.to_owned(),
             port,
-            token,
+            domain: parent_domain(text),
+            client,
+            deadline: now + self.patience,
             mailbox: Arc::downgrade(&self.mailbox),
         };
-        if self.resolver.jobs.send(job).is_err() {
-            // Unreachable while we hold the Arc<Resolver> (it owns the
-            // sender and the workers only stop when it is dropped), but a
-            // lookup that can never be answered must not be left pending.
+        if !self.resolver.submit(job) {
             return Some(Err(ResolveError::Failed));
         }
+        self.pending.insert(key, vec![(token, port)]);
         None
+    }
+
+    /// Names being looked up for this shard (each once, however many connections wait).
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
     }
 
     /// Call after the read on `wake_fd` completed (the shard reads the wake-up
@@ -372,9 +570,18 @@ impl ShardResolver {
                 .unwrap_or_else(PoisonError::into_inner),
         );
         for answer in answers {
+            let key = cache_key(&answer.key);
             let result: Result<Addrs, ResolveError> = answer.result.map(Rc::from);
-            self.insert(answer.key, answer.port, result.clone(), now);
-            f(answer.token, result);
+            if answer.cacheable {
+                self.insert(key.clone(), answer.port, result.clone(), now);
+            }
+            for (token, port) in self.pending.remove(&key).unwrap_or_default() {
+                let result = match &result {
+                    Ok(addrs) => Ok(with_port(addrs, answer.port, port)),
+                    Err(e) => Err(*e),
+                };
+                f(token, result);
+            }
         }
     }
 
@@ -427,8 +634,10 @@ impl ShardResolver {
 mod tests {
     use super::*;
     use std::io::Read;
+    use std::sync::mpsc;
 
     const WAIT: Duration = Duration::from_secs(5);
+    const PATIENCE: Duration = Duration::from_secs(10);
 
     /// Waits (at most `WAIT`) for the answer to `token`, the way a shard
     /// would: a read on the wake fd, then `drain`. The read is blocking, so it
@@ -467,9 +676,9 @@ mod tests {
 
     #[test]
     fn localhost_resolves_with_port() {
-        let mut sr = ShardResolver::new(Resolver::new(2)).unwrap();
+        let mut sr = ShardResolver::new(Resolver::new(2), PATIENCE).unwrap();
         let now = Instant::now();
-        assert!(sr.lookup(b"localhost", 4242, 7, now).is_none());
+        assert!(sr.lookup(b"localhost", 4242, 7, None, now).is_none());
         let addrs = wait_for(&mut sr, 7).expect("localhost resolves");
         assert!(!addrs.is_empty());
         for a in addrs.iter() {
@@ -482,7 +691,7 @@ mod tests {
 
         // Now cached, under any case and any port.
         let hit = sr
-            .lookup(b"LocalHost", 80, 8, Instant::now())
+            .lookup(b"LocalHost", 80, 8, None, Instant::now())
             .expect("cache hit")
             .unwrap();
         assert_eq!(hit.len(), addrs.len());
@@ -491,9 +700,9 @@ mod tests {
 
     #[test]
     fn invalid_tld_fails() {
-        let mut sr = ShardResolver::new(Resolver::new(1)).unwrap();
+        let mut sr = ShardResolver::new(Resolver::new(1), PATIENCE).unwrap();
         assert!(sr
-            .lookup(b"nonexistent.invalid", 80, 1, Instant::now())
+            .lookup(b"nonexistent.invalid", 80, 1, None, Instant::now())
             .is_none());
         let r = wait_for(&mut sr, 1);
         assert!(
@@ -502,7 +711,7 @@ mod tests {
         );
         // ...and the failure is cached.
         assert_eq!(
-            sr.lookup(b"nonexistent.invalid", 80, 2, Instant::now()),
+            sr.lookup(b"nonexistent.invalid", 80, 2, None, Instant::now()),
             Some(r)
         );
     }
@@ -510,15 +719,18 @@ mod tests {
     #[test]
     fn cache_hit_does_not_touch_pool() {
         // No workers: a lookup that reached the pool would never be answered.
-        let mut sr = ShardResolver::new(Resolver::spawn(0)).unwrap();
+        let mut sr = ShardResolver::new(Resolver::spawn(0), PATIENCE).unwrap();
         let t0 = Instant::now();
         let cached = addrs(&["192.0.2.1:443", "[2001:db8::1]:443"]);
         sr.insert(cache_key(b"example.test"), 443, Ok(cached.clone()), t0);
 
-        let same_port = sr.lookup(b"example.test", 443, 1, t0).unwrap().unwrap();
+        let same_port = sr
+            .lookup(b"example.test", 443, 1, None, t0)
+            .unwrap()
+            .unwrap();
         assert!(Rc::ptr_eq(&same_port, &cached), "same port reuses the Rc");
         let other = sr
-            .lookup(b"example.test", 8080, 2, t0 + Duration::from_secs(29))
+            .lookup(b"example.test", 8080, 2, None, t0 + Duration::from_secs(29))
             .unwrap()
             .unwrap();
         assert_eq!(other, addrs(&["192.0.2.1:8080", "[2001:db8::1]:8080"]));
@@ -527,7 +739,7 @@ mod tests {
 
     #[test]
     fn negative_cache_hit_and_expiry() {
-        let mut sr = ShardResolver::new(Resolver::spawn(0)).unwrap();
+        let mut sr = ShardResolver::new(Resolver::spawn(0), PATIENCE).unwrap();
         let t0 = Instant::now();
         sr.insert(cache_key(b"gone.test"), 1, Err(ResolveError::NotFound), t0);
         assert_eq!(
@@ -535,36 +747,42 @@ mod tests {
                 b"gone.test",
                 80,
                 1,
+                None,
                 t0 + NEGATIVE_TTL - Duration::from_millis(1)
             ),
             Some(Err(ResolveError::NotFound))
         );
         // Expired: a miss, queued (and the stale entry is gone).
-        assert_eq!(sr.lookup(b"gone.test", 80, 2, t0 + NEGATIVE_TTL), None);
+        assert_eq!(
+            sr.lookup(b"gone.test", 80, 2, None, t0 + NEGATIVE_TTL),
+            None
+        );
         assert!(sr.cache.is_empty());
     }
 
     #[test]
     fn positive_expiry() {
-        let mut sr = ShardResolver::new(Resolver::spawn(0)).unwrap();
+        let mut sr = ShardResolver::new(Resolver::spawn(0), PATIENCE).unwrap();
         let t0 = Instant::now();
         sr.insert(cache_key(b"a.test"), 1, Ok(addrs(&["192.0.2.7:1"])), t0);
         let before = t0 + POSITIVE_TTL - Duration::from_millis(1);
-        assert!(sr.lookup(b"a.test", 1, 1, before).is_some());
-        assert!(sr.lookup(b"a.test", 1, 2, t0 + POSITIVE_TTL).is_none());
+        assert!(sr.lookup(b"a.test", 1, 1, None, before).is_some());
+        assert!(sr
+            .lookup(b"a.test", 1, 2, None, t0 + POSITIVE_TTL)
+            .is_none());
     }
 
     #[test]
     fn drain_fills_cache() {
-        let mut sr = ShardResolver::new(Resolver::spawn(0)).unwrap();
+        let mut sr = ShardResolver::new(Resolver::spawn(0), PATIENCE).unwrap();
         let t0 = Instant::now();
-        assert!(sr.lookup(b"x.test", 9, 5, t0).is_none());
+        assert!(sr.lookup(b"x.test", 9, 5, None, t0).is_none());
         // Play the worker.
         sr.mailbox.deliver(Answer {
             key: b"x.test".to_vec().into_boxed_slice(),
             port: 9,
-            token: 5,
             result: Ok(vec!["192.0.2.9:9".parse().unwrap()]),
+            cacheable: true,
         });
         assert!(sr.mailbox.notified.load(Ordering::Acquire));
         let mut seen = Vec::new();
@@ -572,20 +790,24 @@ mod tests {
         assert_eq!(seen, vec![(5, Ok(addrs(&["192.0.2.9:9"])))]);
         assert!(!sr.mailbox.notified.load(Ordering::Acquire));
         assert_eq!(
-            sr.lookup(b"x.test", 10, 6, t0),
+            sr.lookup(b"x.test", 10, 6, None, t0),
             Some(Ok(addrs(&["192.0.2.9:10"])))
         );
     }
 
     #[test]
     fn one_wake_byte_per_drain() {
-        let mut sr = ShardResolver::new(Resolver::spawn(0)).unwrap();
+        let mut sr = ShardResolver::new(Resolver::spawn(0), PATIENCE).unwrap();
         for token in 0..3 {
+            let name = format!("y{token}.test");
+            assert!(sr
+                .lookup(name.as_bytes(), 1, token, None, Instant::now())
+                .is_none());
             sr.mailbox.deliver(Answer {
-                key: b"y.test".to_vec().into_boxed_slice(),
+                key: name.into_bytes().into_boxed_slice(),
                 port: 1,
-                token,
                 result: Err(ResolveError::Failed),
+                cacheable: true,
             });
         }
         let mut buf = [0u8; 64];
@@ -598,12 +820,12 @@ mod tests {
 
     #[test]
     fn unusable_names_fail_at_once() {
-        let mut sr = ShardResolver::new(Resolver::spawn(0)).unwrap();
+        let mut sr = ShardResolver::new(Resolver::spawn(0), PATIENCE).unwrap();
         let now = Instant::now();
         let long = vec![b'a'; 256];
         for name in [&b"\xff\xfe.test"[..], b"a\0b", b"", &long] {
             assert_eq!(
-                sr.lookup(name, 80, 1, now),
+                sr.lookup(name, 80, 1, None, now),
                 Some(Err(ResolveError::Failed)),
                 "{name:?}"
             );
@@ -612,21 +834,21 @@ mod tests {
 
     #[test]
     fn ip_literals_need_no_lookup() {
-        let mut sr = ShardResolver::new(Resolver::spawn(0)).unwrap();
+        let mut sr = ShardResolver::new(Resolver::spawn(0), PATIENCE).unwrap();
         let now = Instant::now();
         assert_eq!(
-            sr.lookup(b"192.0.2.3", 80, 1, now),
+            sr.lookup(b"192.0.2.3", 80, 1, None, now),
             Some(Ok(addrs(&["192.0.2.3:80"])))
         );
         assert_eq!(
-            sr.lookup(b"2001:db8::3", 81, 2, now),
+            sr.lookup(b"2001:db8::3", 81, 2, None, now),
             Some(Ok(addrs(&["[2001:db8::3]:81"])))
         );
     }
 
     #[test]
     fn cache_is_bounded() {
-        let mut sr = ShardResolver::new(Resolver::spawn(0)).unwrap();
+        let mut sr = ShardResolver::new(Resolver::spawn(0), PATIENCE).unwrap();
         let t0 = Instant::now();
         let a = addrs(&["192.0.2.1:1"]);
         for i in 0..CACHE_CAPACITY {
@@ -653,19 +875,23 @@ mod tests {
     #[test]
     fn gone_shard_does_not_hurt_workers() {
         let resolver = Resolver::new(1);
-        let mut sr = ShardResolver::new(Arc::clone(&resolver)).unwrap();
-        assert!(sr.lookup(b"localhost", 1, 1, Instant::now()).is_none());
+        let mut sr = ShardResolver::new(Arc::clone(&resolver), PATIENCE).unwrap();
+        assert!(sr
+            .lookup(b"localhost", 1, 1, None, Instant::now())
+            .is_none());
         drop(sr);
         // The pool still works for another shard.
-        let mut sr = ShardResolver::new(resolver).unwrap();
-        assert!(sr.lookup(b"localhost", 2, 2, Instant::now()).is_none());
+        let mut sr = ShardResolver::new(resolver, PATIENCE).unwrap();
+        assert!(sr
+            .lookup(b"localhost", 2, 2, None, Instant::now())
+            .is_none());
         assert!(wait_for(&mut sr, 2).is_ok());
     }
 
     #[test]
     fn workers_exit_when_resolver_dropped() {
         let resolver = Resolver::new(3);
-        let alive = Arc::downgrade(&resolver.queue);
+        let alive = Arc::downgrade(&resolver.pool);
         assert!(alive.strong_count() > 0);
         drop(resolver);
         let deadline = Instant::now() + WAIT;
@@ -673,6 +899,137 @@ mod tests {
             assert!(Instant::now() < deadline, "workers still running");
             thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Jobs waiting in a pool without workers.
+    fn queued(sr: &ShardResolver) -> usize {
+        sr.resolver.pool.lock().queue.len()
+    }
+
+    #[test]
+    fn a_name_in_flight_is_looked_up_once_for_every_waiter() {
+        let mut sr = ShardResolver::new(Resolver::spawn(0), PATIENCE).unwrap();
+        let t0 = Instant::now();
+        assert!(sr.lookup(b"Same.test", 80, 1, None, t0).is_none());
+        assert!(sr.lookup(b"same.TEST", 443, 2, None, t0).is_none());
+        assert_eq!(queued(&sr), 1);
+        assert_eq!(sr.in_flight(), 1);
+        sr.mailbox.deliver(Answer {
+            key: b"Same.test".to_vec().into_boxed_slice(),
+            port: 80,
+            result: Ok(vec!["192.0.2.5:80".parse().unwrap()]),
+            cacheable: true,
+        });
+        let mut seen = Vec::new();
+        sr.drain(t0, |t, r| seen.push((t, r)));
+        assert_eq!(
+            seen,
+            vec![
+                (1, Ok(addrs(&["192.0.2.5:80"]))),
+                (2, Ok(addrs(&["192.0.2.5:443"])))
+            ]
+        );
+        assert_eq!(sr.in_flight(), 0);
+    }
+
+    #[test]
+    fn the_queue_is_bounded_per_domain_and_a_full_domain_fails_at_once() {
+        let mut sr = ShardResolver::new(Resolver::spawn(0), PATIENCE).unwrap();
+        let t0 = Instant::now();
+        for i in 0..MAX_QUEUED_PER_DOMAIN {
+            let name = format!("n{i}.slow.test");
+            assert!(sr.lookup(name.as_bytes(), 80, i as u64, None, t0).is_none());
+        }
+        assert_eq!(
+            sr.lookup(b"one-more.slow.test", 80, 9999, None, t0),
+            Some(Err(ResolveError::Failed))
+        );
+        assert!(sr
+            .lookup(b"fresh.fast.test", 80, 10_000, None, t0)
+            .is_none());
+        assert_eq!(queued(&sr), MAX_QUEUED_PER_DOMAIN + 1);
+        // A refusal is not cached: the name is tried again later.
+        assert!(sr.cache.is_empty());
+    }
+
+    fn job(name: &str, client: Option<IpAddr>, deadline: Instant, mailbox: &Arc<Mailbox>) -> Job {
+        Job {
+            name: name.to_string(),
+            port: 80,
+            domain: parent_domain(name),
+            client,
+            deadline,
+            mailbox: Arc::downgrade(mailbox),
+        }
+    }
+
+    #[test]
+    fn jobs_run_within_their_domain_and_client_shares_and_expire_in_the_queue() {
+        let sr = ShardResolver::new(Resolver::spawn(0), PATIENCE).unwrap();
+        let mb = &sr.mailbox;
+        let now = Instant::now();
+        let later = now + PATIENCE;
+        let a: Option<IpAddr> = Some("192.0.2.1".parse().unwrap());
+        let b: Option<IpAddr> = Some("192.0.2.2".parse().unwrap());
+        let mut sched = Sched::default();
+        for name in ["1.slow.test", "2.slow.test", "3.slow.test"] {
+            sched.queue.push_back(job(name, a, later, mb));
+        }
+        sched.queue.push_back(job("gone.other.test", a, now, mb));
+        sched.queue.push_back(job("x.fast.test", a, later, mb));
+        sched.queue.push_back(job("y.fast.test", b, later, mb));
+        let shares = (2, 3);
+        let mut expired = Vec::new();
+        let mut next = |sched: &mut Sched| {
+            sched
+                .next(now, shares, &mut expired)
+                .map(|j| j.name.clone())
+        };
+        assert_eq!(next(&mut sched).as_deref(), Some("1.slow.test"));
+        assert_eq!(next(&mut sched).as_deref(), Some("2.slow.test"));
+        // slow.test has its two; the expired job leaves the queue on the way; client a has
+        // its third with x.fast.test, so y (client b) is next.
+        assert_eq!(next(&mut sched).as_deref(), Some("x.fast.test"));
+        assert_eq!(next(&mut sched).as_deref(), Some("y.fast.test"));
+        assert_eq!(next(&mut sched), None);
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].name, "gone.other.test");
+        // One slow.test lookup finishes: the third may run.
+        let done = job("1.slow.test", a, later, mb);
+        sched.finished(&done);
+        sched.finished(&job("x.fast.test", a, later, mb));
+        assert_eq!(
+            sched.next(now, shares, &mut expired).map(|j| j.name),
+            Some("3.slow.test".to_string())
+        );
+    }
+
+    #[test]
+    fn an_expired_answer_reaches_its_waiters_but_not_the_cache() {
+        let mut sr = ShardResolver::new(Resolver::spawn(0), PATIENCE).unwrap();
+        let t0 = Instant::now();
+        assert!(sr.lookup(b"late.test", 80, 1, None, t0).is_none());
+        sr.mailbox.deliver(Answer {
+            key: b"late.test".to_vec().into_boxed_slice(),
+            port: 80,
+            result: Err(ResolveError::Failed),
+            cacheable: false,
+        });
+        let mut seen = Vec::new();
+        sr.drain(t0, |t, r| seen.push((t, r)));
+        assert_eq!(seen, vec![(1, Err(ResolveError::Failed))]);
+        assert!(sr.cache.is_empty());
+        assert!(
+            sr.lookup(b"late.test", 80, 2, None, t0).is_none(),
+            "asked again"
+        );
+    }
+
+    #[test]
+    fn parent_domains() {
+        assert_eq!(&*parent_domain("a.b.Example.COM."), "example.com");
+        assert_eq!(&*parent_domain("example.com"), "example.com");
+        assert_eq!(&*parent_domain("localhost"), "localhost");
     }
 
     #[test]

@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod dns;
+pub mod limits;
 pub mod proto;
 pub(crate) mod relay;
 pub mod server;
@@ -22,6 +23,6 @@ pub(crate) mod uring;
 /// Process set-up the binary needs before it starts shards.
 pub mod process {
     pub use crate::uring::sys::{
-        block_termination_signals, ignore_sigpipe, raise_nofile, wait_termination,
+        block_termination_signals, ignore_sigpipe, nofile_soft, raise_nofile, wait_termination,
     };
 }

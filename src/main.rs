@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use ringsocks::config::{self, Config};
 use ringsocks::dns::Resolver;
+use ringsocks::limits::Limits;
 use ringsocks::process;
 use ringsocks::server::{self, Shard, ShardSpec};
 use tracing::{error, info, warn};
@@ -33,10 +34,27 @@ fn main() {
 
 fn run(cfg: Config) -> std::io::Result<()> {
     process::ignore_sigpipe();
-    match process::raise_nofile() {
-        Ok(n) => info!(nofile = n, "file descriptor limit"),
-        Err(e) => warn!(error = %e, "could not raise RLIMIT_NOFILE"),
-    }
+    let nofile = match process::raise_nofile() {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(error = %e, "could not raise RLIMIT_NOFILE");
+            process::nofile_soft()
+        }
+    };
+    let max_connections = cfg.max_connections_for(nofile);
+    info!(
+        nofile,
+        max_connections,
+        per_ip = ?cfg.max_connections_per_ip,
+        per_user = ?cfg.max_connections_per_user,
+        "limits"
+    );
+    let limits = Limits::new(
+        max_connections,
+        cfg.max_connections_per_ip,
+        cfg.max_connections_per_user,
+        cfg.users.iter().flat_map(|u| u.names()),
+    );
     // Blocked here, before any thread starts, so only `wait_termination` sees them.
     process::block_termination_signals();
 
@@ -62,6 +80,7 @@ fn run(cfg: Config) -> std::io::Result<()> {
             listeners: socks,
             cfg: cfg.clone(),
             resolver: resolver.clone(),
+            limits: limits.clone(),
             ctl: ctl_r,
             stop: stop.clone(),
         };

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Config, ForwardMode};
 use crate::dns::{Resolver, ShardResolver};
+use crate::limits::Limits;
 use crate::relay::token::{self, ConnId, Op, MAX_SLOT};
 use crate::relay::{Conn, Ctx, ShardState};
 use crate::uring::{Completion, Data, Engine, Owner, Ring, RingSpec};
@@ -95,6 +96,7 @@ pub struct ShardSpec {
     pub listeners: Vec<Socket>,
     pub cfg: Arc<Config>,
     pub resolver: Arc<Resolver>,
+    pub limits: Arc<Limits>,
     pub ctl: std::io::PipeReader,
     pub stop: Arc<AtomicBool>,
 }
@@ -118,6 +120,7 @@ struct Env {
     ring: Ring,
     dns: ShardResolver,
     cfg: Arc<Config>,
+    limits: Arc<Limits>,
     state: ShardState,
     /// The time at the start of this loop turn (one clock read per turn).
     now: Instant,
@@ -131,6 +134,7 @@ impl Env {
             now: self.now,
             dns: &mut self.dns,
             shard: &mut self.state,
+            limits: &self.limits,
         }
     }
 }
@@ -296,8 +300,9 @@ impl Shard {
         Ok(Shard {
             env: Env {
                 ring,
-                dns: ShardResolver::new(spec.resolver)?,
+                dns: ShardResolver::new(spec.resolver, spec.cfg.connect_timeout)?,
                 cfg: spec.cfg,
+                limits: spec.limits,
                 state: ShardState {
                     copy_group,
                     copy_scarce_below: u32::from(COPY_BUF_ENTRIES / 4),
@@ -561,6 +566,26 @@ impl Shard {
     }
 
     fn add_conn(&mut self, fd: OwnedFd, listener: usize) {
+        let sock = Socket::from(fd);
+        // The peer address needs an ordinary fd: take it before the socket moves into the
+        // fixed-file table. (TCP_NODELAY came with the socket, from the listener.)
+        let peer = sock.peer_addr().ok().and_then(|a| a.as_socket());
+        let lease = match self.env.limits.admit(peer.map(|p| p.ip())) {
+            Ok(lease) => lease,
+            Err(over) => {
+                // Closed at accept: dropping the socket closes it.
+                if let Some(n) = self.env.state.refusals.note(over, self.env.now) {
+                    warn!(
+                        shard = self.id,
+                        limit = over.flag(),
+                        refused = n,
+                        total = self.env.limits.refused(over),
+                        "connections refused at accept (count since the last line)"
+                    );
+                }
+                return;
+            }
+        };
         let Some(id) = self.conns.vacant() else {
             warn!(
                 shard = self.id,
@@ -568,15 +593,20 @@ impl Shard {
             );
             return;
         };
-        let sock = Socket::from(fd);
-        // The peer address needs an ordinary fd: take it before the socket moves into the
-        // fixed-file table. (TCP_NODELAY came with the socket, from the listener.)
-        let peer = sock.peer_addr().ok().and_then(|a| a.as_socket());
+        if let Some(idle) = self.env.cfg.tcp_keepalive {
+            let probes = socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval((idle / 3).max(Duration::from_secs(1)))
+                .with_retries(3);
+            if let Err(e) = sock.set_tcp_keepalive(&probes) {
+                debug!(shard = self.id, error = %e, "TCP keepalive not set");
+            }
+        }
         let local = self.listeners[listener]
             .local
             .or_else(|| sock.local_addr().ok().and_then(|a| a.as_socket()));
         let client = self.env.ring.install(OwnedFd::from(sock));
-        let conn = Conn::new(id, client, peer, local, self.env.now);
+        let conn = Conn::new(id, client, peer, local, self.env.now, lease);
         self.conns.slots[id.slot as usize].conn = Some(Box::new(conn));
         self.conns.live += 1;
         self.conns

@@ -169,6 +169,39 @@ struct Args {
     #[arg(long, value_name = "DURATION", default_value = "off", value_parser = parse_idle_timeout, verbatim_doc_comment)]
     idle_timeout: Duration,
 
+    /// Accept at most N client connections at once, over all shards
+    ///
+    /// Past it, new connections are closed at accept (logged at most once
+    /// a second with a count). Default: a third of the open-file limit
+    /// after 256 spare (a connection may hold three descriptors), so the
+    /// process cannot run out of them.
+    #[arg(long, value_name = "N", verbatim_doc_comment)]
+    max_connections: Option<usize>,
+
+    /// Accept at most N connections at once from one client address
+    ///
+    /// Past it, the client's new connections are closed at accept. Off by
+    /// default.
+    #[arg(long, value_name = "N", verbatim_doc_comment)]
+    max_connections_per_ip: Option<u32>,
+
+    /// Serve at most N connections at once per user (with --user/--users)
+    ///
+    /// Past it, the user's request is answered REP 0x02 (not allowed by
+    /// ruleset). Off by default.
+    #[arg(long, value_name = "N", verbatim_doc_comment)]
+    max_connections_per_user: Option<u32>,
+
+    /// Send TCP keepalive probes on client connections idle for DURATION
+    ///
+    /// A client that vanished without a FIN or RST (power loss, a NAT that
+    /// forgot the flow) is then found and closed after DURATION plus three
+    /// unanswered probes DURATION/3 apart. "off" (the default) leaves the
+    /// kernel's default (no probes); --idle-timeout closes idle tunnels
+    /// whatever the network says.
+    #[arg(long, value_name = "DURATION", default_value = "off", value_parser = parse_idle_timeout, verbatim_doc_comment)]
+    tcp_keepalive: Duration,
+
     /// On shutdown, let open connections finish for up to DURATION
     ///
     /// Connections still open after DURATION are closed; 0 closes them
@@ -193,7 +226,9 @@ struct Args {
     /// Threads running getaddrinfo for target names, shared by all shards
     ///
     /// A lookup occupies a thread for as long as DNS takes, so this bounds
-    /// how many slow lookups can be in flight at once.
+    /// how many slow lookups can be in flight at once. Names under one
+    /// parent domain get at most a quarter of the threads, one client at
+    /// most half, so a domain that never answers cannot hold them all.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_RESOLVER_THREADS, verbatim_doc_comment)]
     resolver_threads: usize,
 
@@ -279,6 +314,27 @@ impl Config {
 
         let users = load_users(&args.user, args.users.as_deref())?.map(Arc::new);
 
+        for (flag, n) in [
+            ("--max-connections", args.max_connections.map(|n| n as u64)),
+            (
+                "--max-connections-per-ip",
+                args.max_connections_per_ip.map(u64::from),
+            ),
+            (
+                "--max-connections-per-user",
+                args.max_connections_per_user.map(u64::from),
+            ),
+        ] {
+            if n == Some(0) {
+                return Err(invalid(format!("{flag}: must be at least 1")));
+            }
+        }
+        if args.max_connections_per_user.is_some() && users.is_none() {
+            return Err(invalid(
+                "--max-connections-per-user: needs users (--user or --users)".to_string(),
+            ));
+        }
+
         if args.udp_frag_timeout < MIN_FRAG_TIMEOUT {
             return Err(invalid(format!(
                 "--udp-frag-timeout: at least 5s (RFC 1928 section 7), got {:?}",
@@ -303,6 +359,10 @@ impl Config {
             connect_timeout: args.connect_timeout,
             handshake_timeout: args.handshake_timeout,
             idle_timeout: off_if_zero(args.idle_timeout),
+            max_connections: args.max_connections,
+            max_connections_per_ip: args.max_connections_per_ip,
+            max_connections_per_user: args.max_connections_per_user,
+            tcp_keepalive: off_if_zero(args.tcp_keepalive),
             drain_timeout: args.drain_timeout,
             busy_poll: off_if_zero(args.busy_poll),
             log_level: args.log_level.into(),
@@ -352,7 +412,7 @@ mod tests {
         assert_eq!(c.drain_timeout, Duration::from_secs(10));
         assert_eq!(c.busy_poll, None);
         assert_eq!(c.log_level, tracing::Level::INFO);
-        assert_eq!(c.resolver_threads, 4);
+        assert_eq!(c.resolver_threads, 16);
         assert_eq!(c.udp_advertise, None);
         assert_eq!(c.udp_client_check, ClientCheck::Strict);
         assert!(c.udp_frag_reassemble);
@@ -394,6 +454,34 @@ mod tests {
             parse(&["--udp-client-check", "loose"]),
             Err(ConfigError::Clap(_))
         ));
+    }
+
+    #[test]
+    fn limit_flags_and_the_default_connection_limit() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.max_connections, None);
+        assert_eq!(c.max_connections_for(20_000), 6_581);
+        assert_eq!(c.max_connections_for(64), 8, "an eighth of a tiny limit");
+        assert_eq!(c.tcp_keepalive, None);
+        let c = parse(&[
+            "--max-connections",
+            "100",
+            "--max-connections-per-ip",
+            "10",
+            "--user",
+            "a:b",
+            "--max-connections-per-user",
+            "2",
+            "--tcp-keepalive",
+            "1m",
+        ])
+        .unwrap();
+        assert_eq!(c.max_connections_for(20_000), 100);
+        assert_eq!(c.max_connections_per_ip, Some(10));
+        assert_eq!(c.max_connections_per_user, Some(2));
+        assert_eq!(c.tcp_keepalive, Some(Duration::from_secs(60)));
+        assert!(parse_err(&["--max-connections-per-ip", "0"]).contains("--max-connections-per-ip"));
+        assert!(parse_err(&["--max-connections-per-user", "1"]).contains("needs users"));
     }
 
     #[test]

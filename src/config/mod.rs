@@ -67,7 +67,9 @@ pub const DEFAULT_FORWARD: ForwardMode = ForwardMode::Auto;
 /// be an open proxy, so exposing it must be a deliberate `--listen`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:1080";
 
-pub const DEFAULT_RESOLVER_THREADS: usize = 4;
+/// getaddrinfo threads: a quarter of them may serve one parent domain and half one client at
+/// once (src/dns.rs), so 16 leaves most of the pool free while one domain never answers.
+pub const DEFAULT_RESOLVER_THREADS: usize = 16;
 
 /// The validated configuration.
 #[derive(Clone, Debug)]
@@ -85,6 +87,13 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// `None`: connections may idle forever.
     pub idle_timeout: Option<Duration>,
+    /// `None`: derived from the open-file limit at startup ([`Config::max_connections_for`]).
+    pub max_connections: Option<usize>,
+    pub max_connections_per_ip: Option<u32>,
+    /// Only with users.
+    pub max_connections_per_user: Option<u32>,
+    /// TCP keepalive on client connections: idle time before the first probe. `None`: off.
+    pub tcp_keepalive: Option<Duration>,
     /// May be zero: close everything at once on shutdown.
     pub drain_timeout: Duration,
     /// `None`: shards sleep as soon as no completion is ready (the default).
@@ -107,6 +116,20 @@ pub struct Config {
 pub const MIN_FRAG_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the command line was rejected.
+impl Config {
+    /// `--max-connections`, or its default for an open-file limit of `nofile`: a third of
+    /// what is left after 256 spare descriptors (a connection may hold three: the client, a
+    /// target or a UDP association's two sockets), and at least an eighth of the limit. A
+    /// 20,000-descriptor host thus admits 6,581 connections and never runs out of
+    /// descriptors for them.
+    pub fn max_connections_for(&self, nofile: u64) -> usize {
+        self.max_connections.unwrap_or_else(|| {
+            let n = (nofile.saturating_sub(256) / 3).max(nofile / 8).max(1);
+            usize::try_from(n).unwrap_or(usize::MAX)
+        })
+    }
+}
+
 #[derive(Debug)]
 pub enum ConfigError {
     /// A usage error, or `--help` / `--version`: print it the way clap does

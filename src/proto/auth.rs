@@ -44,6 +44,11 @@ impl Users {
         self.map.is_empty()
     }
 
+    /// The usernames, in no particular order.
+    pub fn names(&self) -> impl Iterator<Item = &[u8]> {
+        self.map.keys().map(|k| &k[..])
+    }
+
     pub fn verify(&self, uname: &[u8], passwd: &[u8]) -> bool {
         match self.map.get(uname) {
             Some(expected) => ct_eq(expected, passwd),

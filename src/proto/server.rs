@@ -43,6 +43,8 @@ enum Phase {
 #[derive(Debug, Clone)]
 pub struct ServerHandshake {
     phase: Phase,
+    /// The RFC 1929 username, once it has authenticated.
+    user: Option<Box<[u8]>>,
 }
 
 impl Default for ServerHandshake {
@@ -59,9 +61,15 @@ pub fn error_reply(err: &RelayError, out: &mut Vec<u8>) {
 }
 
 impl ServerHandshake {
+    /// The username the client authenticated as (RFC 1929), if it did.
+    pub fn user(&self) -> Option<&[u8]> {
+        self.user.as_deref()
+    }
+
     pub fn new() -> Self {
         ServerHandshake {
             phase: Phase::Greeting,
+            user: None,
         }
     }
 
@@ -124,6 +132,7 @@ impl ServerHandshake {
                         if !ok {
                             return self.reject(ProtoError::AuthFailed.into(), pos);
                         }
+                        self.user = Some(Box::from(&up.uname[..]));
                         self.phase = Phase::Request;
                     }
                 },

@@ -22,6 +22,7 @@ use super::handshake::Handshake;
 use super::token::{ConnId, Op, ARG_MAX};
 use super::udp::Association;
 use super::Ctx;
+use crate::limits::Lease;
 use crate::uring::{Completion, Engine, Sock};
 
 pub(super) enum Stage {
@@ -47,6 +48,8 @@ pub(crate) struct Conn {
     timer_seq: u16,
     pub(super) last_active: Instant,
     closing: bool,
+    /// The connection's place under the limits, given back when the connection is dropped.
+    pub(super) lease: Lease,
 }
 
 impl Conn {
@@ -56,6 +59,7 @@ impl Conn {
         peer: Option<SocketAddr>,
         local: Option<SocketAddr>,
         now: Instant,
+        lease: Lease,
     ) -> Conn {
         Conn {
             id,
@@ -68,6 +72,7 @@ impl Conn {
             timer_seq: 0,
             last_active: now,
             closing: false,
+            lease,
         }
     }
 

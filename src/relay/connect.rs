@@ -64,7 +64,10 @@ impl Conn {
             Addr::Ip(a) => self.connect_to(cx, vec![a]),
             Addr::Domain(name, port) => {
                 let owner = self.owner(Op::Resolve(0));
-                if let Some(res) = cx.dns.lookup(&name, port, owner, cx.now) {
+                if let Some(res) =
+                    cx.dns
+                        .lookup(&name, port, owner, self.peer.map(|p| p.ip()), cx.now)
+                {
                     self.on_resolved(cx, 0, res);
                 }
             }

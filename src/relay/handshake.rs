@@ -3,7 +3,7 @@
 //! status) are sent before reading on. The request moves the connection to
 //! [`connect`](super::connect) or [`udp`](super::udp); a protocol error to an error reply.
 
-use tracing::info;
+use tracing::{info, warn};
 
 use super::conn::{Conn, Stage};
 use super::token::Op;
@@ -67,11 +67,32 @@ impl Conn {
                 }
             }
             Step::Request(req) => {
+                let user = hs.machine.user().map(Box::<[u8]>::from);
                 let next = Requested {
                     req,
                     reply_prefix: out,
                     early: buf[consumed..].to_vec(),
                 };
+                if let Some(user) = user {
+                    if let Err(over) = cx.limits.admit_user(&mut self.lease, &user) {
+                        if let Some(n) = cx.shard.refusals.note(over, cx.now) {
+                            warn!(
+                                client = %self.peer_str(),
+                                user = %String::from_utf8_lossy(&user),
+                                limit = over.flag(),
+                                refused = n,
+                                total = cx.limits.refused(over),
+                                "requests refused (count since the last line)"
+                            );
+                        }
+                        return self.fail(
+                            cx,
+                            next.reply_prefix,
+                            &next.req.dst,
+                            RelayError::NotAllowed,
+                        );
+                    }
+                }
                 if next.req.cmd == Command::UDP_ASSOCIATE {
                     self.associate(cx, next);
                 } else if next.req.cmd == Command::CONNECT {

@@ -21,10 +21,12 @@ pub(crate) mod udp;
 #[cfg(test)]
 mod tests;
 
+use std::net::IpAddr;
 use std::time::Instant;
 
 use crate::config::Config;
 use crate::dns::{Addrs, ResolveError};
+use crate::limits::{Limits, RefusalLog};
 use crate::uring::{Engine, Group, Owner};
 
 pub(crate) use conn::Conn;
@@ -38,6 +40,7 @@ pub(crate) trait Resolve {
         name: &[u8],
         port: u16,
         owner: Owner,
+        client: Option<IpAddr>,
         now: Instant,
     ) -> Option<Result<Addrs, ResolveError>>;
 }
@@ -48,9 +51,10 @@ impl Resolve for crate::dns::ShardResolver {
         name: &[u8],
         port: u16,
         owner: Owner,
+        client: Option<IpAddr>,
         now: Instant,
     ) -> Option<Result<Addrs, ResolveError>> {
-        crate::dns::ShardResolver::lookup(self, name, port, owner.0, now)
+        crate::dns::ShardResolver::lookup(self, name, port, owner.0, client, now)
     }
 }
 
@@ -69,6 +73,8 @@ pub(crate) struct ShardState {
     pub starved: Vec<(ConnId, Dir)>,
     /// UDP receives that ended for lack of buffers.
     pub udp_starved: Vec<(ConnId, Side)>,
+    /// Refusals by the connection limits, for rate-limited log lines.
+    pub refusals: RefusalLog,
     /// Bytes held by fragment reassembly queues on this shard.
     pub frag_bytes: usize,
     /// Copy-path directions that received this turn and send at its end (`Conn::flush_copy`).
@@ -86,4 +92,5 @@ pub(crate) struct Ctx<'a, E: Engine> {
     pub now: Instant,
     pub dns: &'a mut dyn Resolve,
     pub shard: &'a mut ShardState,
+    pub limits: &'a Limits,
 }

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::conn::{Conn, Stage};
@@ -16,6 +17,7 @@ use super::udp::assoc::Stats;
 use super::{Ctx, Resolve, ShardState};
 use crate::config::{Config, ForwardMode};
 use crate::dns::{Addrs, ResolveError};
+use crate::limits::Limits;
 use crate::proto::codec::{encode_reply, encode_request, encode_userpass};
 use crate::proto::udp::{encode_udp_header, encode_udp_header_addr};
 use crate::proto::{Addr, Command, Rep};
@@ -99,6 +101,7 @@ impl Resolve for Dns {
         name: &[u8],
         port: u16,
         owner: Owner,
+        _client: Option<IpAddr>,
         _now: Instant,
     ) -> Option<Result<Addrs, ResolveError>> {
         let shown = String::from_utf8_lossy(name).into_owned();
@@ -114,6 +117,7 @@ struct H {
     cfg: Config,
     shard: ShardState,
     dns: Dns,
+    limits: Arc<Limits>,
     now: Instant,
     /// None once released.
     conn: Option<Conn>,
@@ -145,12 +149,20 @@ impl H {
         let sock = fake.socket();
         let client = sock.fake_id();
         let now = Instant::now();
-        let conn = Conn::new(ID, sock, Some(sa(PEER)), Some(sa(LOCAL)), now);
+        let limits = Limits::new(
+            usize::MAX,
+            cfg.max_connections_per_ip,
+            cfg.max_connections_per_user,
+            cfg.users.iter().flat_map(|u| u.names()),
+        );
+        let lease = limits.admit(Some(sa(PEER).ip())).expect("under the limits");
+        let conn = Conn::new(ID, sock, Some(sa(PEER)), Some(sa(LOCAL)), now, lease);
         let mut h = H {
             fake,
             cfg,
             shard,
             dns: Dns::default(),
+            limits,
             now,
             conn: Some(conn),
             client,
@@ -174,6 +186,7 @@ impl H {
             now: self.now,
             dns: &mut self.dns,
             shard: &mut self.shard,
+            limits: &self.limits,
         };
         f(conn, &mut cx);
         if conn.is_finished() {

@@ -19,7 +19,7 @@ pub fn raise_nofile() -> io::Result<u64> {
 }
 
 /// The current soft RLIMIT_NOFILE.
-pub(crate) fn nofile_soft() -> u64 {
+pub fn nofile_soft() -> u64 {
     rlimit::Resource::NOFILE
         .get()
         .map_or(1024, |(soft, _)| soft)

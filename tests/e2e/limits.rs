@@ -12,7 +12,15 @@ fn emfile_at_accept_backs_off_and_recovers() {
     let http = http_server("127.0.0.1:0").unwrap();
     let relay = Relay::start_wrapped(
         &["prlimit", "--nofile=64:64"],
-        &["--shards", "1", "--handshake-timeout", "60s"],
+        // A connection limit past what 64 descriptors hold, so that accept runs into EMFILE.
+        &[
+            "--shards",
+            "1",
+            "--handshake-timeout",
+            "60s",
+            "--max-connections",
+            "100000",
+        ],
     );
     // Far more connections than 64 fds plus a 64-slot fixed-file table can hold: the kernel
     // completes them into the listen backlog, and the relay's accept runs into EMFILE.
@@ -66,4 +74,199 @@ fn emfile_at_accept_backs_off_and_recovers() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A connection the relay closed at accept: EOF or a reset, and no method reply.
+fn assert_refused_at_accept(mut s: TcpStream, what: &str) {
+    use std::io::{Read, Write};
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(&greeting(&[0x00]));
+    let mut b = [0u8; 2];
+    match s.read(&mut b) {
+        Ok(0) | Err(_) => {}
+        Ok(n) => panic!(
+            "{what}: got {:02x?} instead of a closed connection",
+            &b[..n]
+        ),
+    }
+}
+
+/// A connection that got through the greeting (the relay admitted it).
+fn admitted(relay: std::net::SocketAddr) -> TcpStream {
+    let mut s = connect(relay);
+    assert_eq!(negotiate(&mut s, None).unwrap(), 0x00);
+    s
+}
+
+/// Connects to `relay` from source address `from`.
+fn connect_from(from: &str, relay: std::net::SocketAddr) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let src: std::net::SocketAddr = format!("{from}:0").parse().unwrap();
+    sock.bind(&src.into()).unwrap();
+    sock.connect(&relay.into()).unwrap();
+    sock.into()
+}
+
+fn wait_for_log(relay: &Relay, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !relay.stderr().contains(needle) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        relay.stderr().contains(needle),
+        "no {needle:?} in the log:\n{}",
+        relay.stderr()
+    );
+}
+
+#[test]
+fn max_connections_refuses_at_accept_and_admits_again_once_one_closes() {
+    let _guard = shared();
+    let echo = echo_server("127.0.0.1:0");
+    let relay = Relay::start(&["--shards", "2", "--max-connections", "3"]);
+    let held: Vec<TcpStream> = (0..3).map(|_| admitted(relay.addr)).collect();
+    for i in 0..5 {
+        assert_refused_at_accept(connect(relay.addr), &format!("connection {} of 3", 4 + i));
+    }
+    wait_for_log(&relay, "connections refused at accept");
+    let log = relay.stderr();
+    assert!(log.contains("limit=\"--max-connections\""), "{log}");
+    // At most one line a second per shard, each with its count.
+    let lines = log.matches("connections refused at accept").count();
+    assert!((1..=2).contains(&lines), "{lines} lines:\n{log}");
+    // One closes: a new client is served, end to end.
+    drop(held.into_iter().next());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match socks_request(
+            relay.addr,
+            None,
+            CMD_CONNECT,
+            &Target::Addr(std::net::SocketAddr::from(([127, 0, 0, 1], echo.port()))),
+        ) {
+            Ok((s, r)) if r.rep == 0 => {
+                echo_roundtrip(&s, b"admitted again");
+                break;
+            }
+            other => {
+                assert!(Instant::now() < deadline, "not admitted again: {other:?}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+#[test]
+fn max_connections_per_ip_refuses_one_address_and_serves_another() {
+    let _guard = shared();
+    let relay = Relay::start(&["--max-connections-per-ip", "2"]);
+    let _a: Vec<TcpStream> = (0..2).map(|_| admitted(relay.addr)).collect();
+    assert_refused_at_accept(connect(relay.addr), "third from 127.0.0.1");
+    let mut other = connect_from("127.0.0.2", relay.addr);
+    other
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(
+        negotiate(&mut other, None).unwrap(),
+        0x00,
+        "127.0.0.2 is served"
+    );
+    wait_for_log(&relay, "limit=\"--max-connections-per-ip\"");
+}
+
+#[test]
+fn max_connections_per_user_answers_rep_02_past_the_cap() {
+    let _guard = shared();
+    let echo = echo_server("127.0.0.1:0");
+    let relay = Relay::start(&[
+        "--user",
+        "alice:secret",
+        "--user",
+        "bob:secret",
+        "--max-connections-per-user",
+        "1",
+    ]);
+    let dst = Target::Addr(std::net::SocketAddr::from(([127, 0, 0, 1], echo.port())));
+    let (first, r) =
+        socks_request(relay.addr, Some(("alice", "secret")), CMD_CONNECT, &dst).unwrap();
+    assert_eq!(r.rep, 0);
+    let (mut second, r) =
+        socks_request(relay.addr, Some(("alice", "secret")), CMD_CONNECT, &dst).unwrap();
+    assert_eq!(
+        r.rep, 0x02,
+        "alice's second connection: not allowed by ruleset"
+    );
+    assert_closed(&mut second, Duration::from_secs(5), "refused request");
+    let (bob, r) = socks_request(relay.addr, Some(("bob", "secret")), CMD_CONNECT, &dst).unwrap();
+    assert_eq!(r.rep, 0, "bob has his own cap");
+    echo_roundtrip(&bob, b"bob");
+    echo_roundtrip(&first, b"alice");
+    wait_for_log(&relay, "limit=\"--max-connections-per-user\"");
+    // Alice's first tunnel closes: she may connect again.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (s, r) =
+            socks_request(relay.addr, Some(("alice", "secret")), CMD_CONNECT, &dst).unwrap();
+        if r.rep == 0 {
+            echo_roundtrip(&s, b"alice again");
+            break;
+        }
+        assert!(Instant::now() < deadline, "alice not admitted again");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn limit_flags_are_checked() {
+    let _guard = shared();
+    for (args, needle) in [
+        (
+            &["--max-connections", "0"][..],
+            "--max-connections: must be at least 1",
+        ),
+        (
+            &["--max-connections-per-user", "2"][..],
+            "--max-connections-per-user: needs users",
+        ),
+    ] {
+        let f = Relay::try_start(args).err().expect("refused to start");
+        assert!(format!("{f:?}").contains(needle), "{args:?}: {f:?}");
+    }
+}
+
+#[test]
+fn tcp_keepalive_probes_client_connections() {
+    let _guard = shared();
+    require_tool("ss");
+    let relay = Relay::start(&["--tcp-keepalive", "45s"]);
+    let _c = admitted(relay.addr);
+    // The relay's end of the client connection runs a keepalive timer.
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tnoH",
+            "state",
+            "established",
+            "sport",
+            "=",
+            &format!(":{}", relay.addr.port()),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("timer:(keepalive"), "ss says:\n{text}");
+    let without = Relay::start(&[]);
+    let _d = admitted(without.addr);
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tnoH",
+            "state",
+            "established",
+            "sport",
+            "=",
+            &format!(":{}", without.addr.port()),
+        ])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("keepalive"));
 }

@@ -7,6 +7,7 @@
 mod common;
 
 mod curl;
+mod dns;
 mod limits;
 mod ncat;
 mod probes;

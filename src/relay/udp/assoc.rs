@@ -102,6 +102,8 @@ pub(crate) struct Assoc {
     pub last_active: Instant,
     /// The address the client sends to.
     pub bnd: SocketAddr,
+    /// The control connection's client (its share of the resolver).
+    peer_ip: IpAddr,
 }
 
 /// Opens the two sockets of an association. `local` is the control connection's local
@@ -145,6 +147,7 @@ impl Assoc {
             tsock,
             tsock_v6,
             filter: ClientFilter::new(check, peer_ip, requested),
+            peer_ip,
             reasm: Reassembler::default(),
             recv_op: [None, None],
             recv_errors: 0,
@@ -640,7 +643,10 @@ impl Assoc {
             id = (id + 1) & ARG_MAX;
         }
         let owner = self.id.owner(Op::Resolve(id));
-        match cx.dns.lookup(&name, port, owner, cx.now) {
+        match cx
+            .dns
+            .lookup(&name, port, owner, Some(self.peer_ip), cx.now)
+        {
             Some(Ok(addrs)) if !addrs.is_empty() => self.send_heap(cx, inflight, addrs[0], payload),
             Some(_) => self.stats.dropped_other += 1,
             None => {
