@@ -41,7 +41,9 @@ fn run(cfg: Config) -> std::io::Result<()> {
             process::nofile_soft()
         }
     };
-    let max_connections = cfg.max_connections_for(nofile);
+    let max_connections = cfg
+        .max_connections
+        .unwrap_or_else(|| server::default_max_connections(cfg.shards));
     info!(
         nofile,
         max_connections,

@@ -89,6 +89,13 @@ const RING: RingSpec = RingSpec {
     iowq_workers: [2, 4],
 };
 
+/// `--max-connections` by default: what the shards' fixed-file tables hold at three sockets a
+/// connection (a client and a target, or a UDP association's two). Sockets in the table take
+/// no file descriptors, so this holds whatever RLIMIT_NOFILE is.
+pub fn default_max_connections(shards: usize) -> usize {
+    shards * (RING.fixed_files as usize / 3)
+}
+
 /// Everything a shard thread needs, built on the main thread.
 pub struct ShardSpec {
     pub id: usize,

@@ -87,7 +87,7 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// `None`: connections may idle forever.
     pub idle_timeout: Option<Duration>,
-    /// `None`: derived from the open-file limit at startup ([`Config::max_connections_for`]).
+    /// `None`: what the shards' fixed-file tables hold (`server::default_max_connections`).
     pub max_connections: Option<usize>,
     pub max_connections_per_ip: Option<u32>,
     /// Only with users.
@@ -116,20 +116,6 @@ pub struct Config {
 pub const MIN_FRAG_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the command line was rejected.
-impl Config {
-    /// `--max-connections`, or its default for an open-file limit of `nofile`: a third of
-    /// what is left after 256 spare descriptors (a connection may hold three: the client, a
-    /// target or a UDP association's two sockets), and at least an eighth of the limit. A
-    /// 20,000-descriptor host thus admits 6,581 connections and never runs out of
-    /// descriptors for them.
-    pub fn max_connections_for(&self, nofile: u64) -> usize {
-        self.max_connections.unwrap_or_else(|| {
-            let n = (nofile.saturating_sub(256) / 3).max(nofile / 8).max(1);
-            usize::try_from(n).unwrap_or(usize::MAX)
-        })
-    }
-}
-
 #[derive(Debug)]
 pub enum ConfigError {
     /// A usage error, or `--help` / `--version`: print it the way clap does

@@ -10,6 +10,9 @@
 //!   direction whose queue grows past `HIGH_WATER` cancels its receive (back-pressure) and
 //!   re-arms below `LOW_WATER`.
 //!
+//! On either copy mode, a direction whose receive finds the shard's buffers all held (say,
+//! queued for targets that never read) continues on splice instead of waiting for one.
+//!
 //! With `--forward auto` a direction forwards on copy, and moves to splice when the shard's
 //! buffers run short: its destination falls behind while fewer than a quarter of the buffers
 //! are free, or none is left. Copy is the faster path on loopback and for ordinary clients
@@ -410,8 +413,10 @@ impl Tunnel {
                 // The ring ran dry in this turn; spare buffers refill it at the end of the turn.
                 let spares = l.cx.shard.copy_group.and_then(|g| l.cx.io.buf_pool(g));
                 let pool_empty = spares.is_none_or(|(_, available)| available == 0);
-                if auto && pool_empty {
-                    // The shared pool is empty: this direction needs no pool buffer on splice.
+                if pool_empty {
+                    // Every buffer is held, e.g. queued for destinations that never read:
+                    // waiting could be forever, so this direction (in copy mode too) continues
+                    // on splice, which needs no pool buffer.
                     f.mode = CopyMode::ToSplice;
                     self.maybe_switch_to_splice(l, d);
                 } else {

@@ -8,6 +8,7 @@ mod common;
 
 mod curl;
 mod dns;
+mod floods;
 mod limits;
 mod ncat;
 mod probes;
