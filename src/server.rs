@@ -33,6 +33,8 @@ enum ShardOp {
     DnsWake,
     CtlWake,
     Drain,
+    /// The `--stats-interval` timer.
+    Stats,
 }
 
 const SHARD_BIT: u64 = 1 << 63;
@@ -46,6 +48,7 @@ impl ShardOp {
             ShardOp::DnsWake => (3, 0),
             ShardOp::CtlWake => (4, 0),
             ShardOp::Drain => (5, 0),
+            ShardOp::Stats => (6, 0),
         };
         Owner(SHARD_BIT | (u64::from(kind) << 8) | u64::from(arg))
     }
@@ -62,6 +65,7 @@ impl ShardOp {
             3 => ShardOp::DnsWake,
             4 => ShardOp::CtlWake,
             5 => ShardOp::Drain,
+            6 => ShardOp::Stats,
             _ => return None,
         })
     }
@@ -356,7 +360,39 @@ impl Shard {
         );
     }
 
+    /// `--stats-interval`: one line with what the shard holds, then the next timer.
+    fn log_stats(&mut self) {
+        let Some(every) = self.env.cfg.stats_interval else {
+            return;
+        };
+        let r = self.env.ring.stats();
+        let held = |g: Option<crate::uring::Group>| {
+            g.and_then(|g| r.buffers_held.get(g.index()).copied())
+                .unwrap_or(0)
+        };
+        info!(
+            shard = self.id,
+            connections = self.conns.live,
+            ops_in_flight = r.ops_in_flight,
+            fixed_files = r.fixed_in_use,
+            pipes_open = r.pipes_open,
+            pipes_idle = r.pipes_idle,
+            copy_buffers_held = held(self.env.state.copy_group),
+            udp_buffers_held = held(self.env.state.udp_group),
+            names_resolving = self.env.dns.in_flight(),
+            limited_connections = self.env.limits.connections(),
+            "shard stats"
+        );
+        let at = self.env.now + every;
+        self.env.ring.set_timer(at, ShardOp::Stats.owner());
+    }
+
     fn turn_until_stopped(&mut self) -> std::io::Result<()> {
+        if let Some(every) = self.env.cfg.stats_interval {
+            let now = Instant::now();
+            self.env.ring.set_timer(now + every, ShardOp::Stats.owner());
+            self.env.ring.arm_wheel(now, ShardOp::Wheel.owner());
+        }
         let mut completions = Vec::with_capacity(1024);
         let mut expired = Vec::new();
         let busy_poll = self.env.cfg.busy_poll;
@@ -500,7 +536,7 @@ impl Shard {
                     self.env.ring.read(fd, Vec::with_capacity(8), c.owner);
                 }
             }
-            Some(ShardOp::AcceptRetry(_) | ShardOp::Drain) | None => {}
+            Some(ShardOp::AcceptRetry(_) | ShardOp::Drain | ShardOp::Stats) | None => {}
         }
     }
 
@@ -514,6 +550,7 @@ impl Shard {
         }
         match ShardOp::decode(owner) {
             Some(ShardOp::AcceptRetry(i)) if !self.stopping => self.arm_accept(i as usize),
+            Some(ShardOp::Stats) => self.log_stats(),
             Some(ShardOp::Drain) => {
                 if self.conns.live > 0 {
                     info!(
@@ -670,6 +707,7 @@ mod tests {
             ShardOp::DnsWake,
             ShardOp::CtlWake,
             ShardOp::Drain,
+            ShardOp::Stats,
         ];
         for op in ops {
             assert_eq!(ShardOp::decode(op.owner()), Some(op));

@@ -203,6 +203,14 @@ struct Args {
     #[arg(long, value_name = "DURATION", default_value = "off", value_parser = parse_idle_timeout, verbatim_doc_comment)]
     tcp_keepalive: Duration,
 
+    /// Log a line per shard every DURATION with what it holds
+    ///
+    /// Connections, ops in flight, fixed-file slots in use, pipes open
+    /// and idle, copy and UDP buffers held, names being resolved: what
+    /// scripts/soak.sh watches for leaks. "off" (the default) disables it.
+    #[arg(long, value_name = "DURATION", default_value = "off", value_parser = parse_idle_timeout, verbatim_doc_comment)]
+    stats_interval: Duration,
+
     /// On shutdown, let open connections finish for up to DURATION
     ///
     /// Connections still open after DURATION are closed; 0 closes them
@@ -364,6 +372,7 @@ impl Config {
             max_connections_per_ip: args.max_connections_per_ip,
             max_connections_per_user: args.max_connections_per_user,
             tcp_keepalive: off_if_zero(args.tcp_keepalive),
+            stats_interval: off_if_zero(args.stats_interval),
             drain_timeout: args.drain_timeout,
             busy_poll: off_if_zero(args.busy_poll),
             log_level: args.log_level.into(),

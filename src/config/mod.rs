@@ -94,6 +94,8 @@ pub struct Config {
     pub max_connections_per_user: Option<u32>,
     /// TCP keepalive on client connections: idle time before the first probe. `None`: off.
     pub tcp_keepalive: Option<Duration>,
+    /// Each shard logs what it holds this often. `None`: off.
+    pub stats_interval: Option<Duration>,
     /// May be zero: close everything at once on shutdown.
     pub drain_timeout: Duration,
     /// `None`: shards sleep as soon as no completion is ready (the default).

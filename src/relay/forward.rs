@@ -298,7 +298,14 @@ impl Tunnel {
         if res < 0 {
             return Next::Fail(res);
         }
-        self.splice_out(l, d);
+        match &mut self.flows[d.index()] {
+            Flow::Copy(f) => {
+                // A send that found no room (EAGAIN) waited for this: send again.
+                f.sending = false;
+                self.send_next(l, d);
+            }
+            _ => self.splice_out(l, d),
+        }
         Next::Go
     }
 
@@ -440,6 +447,23 @@ impl Tunnel {
         let Data::Chunks(chunks) = c.data else {
             return Next::Close;
         };
+        if c.res == -libc::EAGAIN {
+            // No room in the socket buffer, reported rather than waited for (the kernel can
+            // run a send in a worker, where a non-blocking socket does not wait): put the
+            // chunks back and send them again once the socket is writable. `sending` stays
+            // set meanwhile, so nothing overtakes them.
+            let Flow::Copy(f) = &mut self.flows[d.index()] else {
+                return Next::Go;
+            };
+            for chunk in chunks.into_iter().rev() {
+                f.queue.push_front(chunk);
+            }
+            let (_, dst) = self.socks(l.client, d);
+            *l.inflight += 1;
+            l.cx.io
+                .poll(dst, libc::POLLOUT as u32, l.id.owner(Op::PollOut(d)));
+            return Next::Go;
+        }
         if c.res <= 0 {
             return Next::Fail(if c.res == 0 { -libc::EPIPE } else { c.res });
         }

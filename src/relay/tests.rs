@@ -927,6 +927,35 @@ fn copy_path_sends_what_a_turn_received_in_one_vectored_send() {
 }
 
 #[test]
+fn copy_path_send_eagain_waits_for_pollout_and_sends_the_same_bytes_first() {
+    let mut h = H::new(&["--forward", "copy"]);
+    let t = h.open_tunnel();
+    let c = h.client;
+    let up = h.recv_multi(c).unwrap();
+    h.deliver(up, b"abc");
+    let (send, bytes) = h.sent(t).unwrap();
+    assert_eq!(bytes, b"abc");
+    h.complete(send, -libc::EAGAIN);
+    let poll = h.op(|k| {
+        *k == Kind::Poll {
+            sock: t,
+            events: libc::POLLOUT as u32,
+        }
+    });
+    assert!(
+        h.sent(t).is_none(),
+        "nothing is sent while waiting for room"
+    );
+    h.deliver(up, b"def");
+    assert!(h.sent(t).is_none(), "later bytes wait behind the first");
+    h.complete(poll, libc::POLLOUT as i32);
+    assert_eq!(h.drain_sent(t), b"abcdef");
+    assert!(!h.finished());
+    h.close_and_finish();
+    h.assert_buffers_back();
+}
+
+#[test]
 fn copy_mode_back_pressure_pauses_and_resumes_the_receive() {
     let mut h = H::with_pool(&["--forward", "copy"], 32);
     let t = h.open_tunnel();

@@ -37,6 +37,11 @@ use io_uring::types::BufRingEntry;
 pub(crate) struct Group(pub(super) u16);
 
 impl Group {
+    /// The group's index among its ring's pools.
+    pub(crate) fn index(self) -> usize {
+        self.0 as usize
+    }
+
     /// The buffer group id the kernel knows this group by.
     pub(super) fn bgid(self) -> u16 {
         self.0 + 1
@@ -154,6 +159,11 @@ impl BufPool {
 
     pub(crate) fn buf_size(&self) -> u32 {
         self.buf_size
+    }
+
+    /// Buffers the application holds.
+    pub(crate) fn held(&self) -> u32 {
+        self.held.get()
     }
 
     /// Buffers the kernel can still pick from (after the next `publish`).

@@ -79,6 +79,10 @@ impl FileTable {
         }
     }
 
+    pub(super) fn in_use(&self) -> u32 {
+        self.size - self.free.len() as u32
+    }
+
     pub(super) fn size(&self) -> u32 {
         self.size
     }

@@ -5,8 +5,10 @@
 //! the per-user pipe budget (`pipe-user-pages-soft`) is spent only on connections that are
 //! moving data at this instant.
 
+use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
 
 /// A pipe lent by the pool. Its capacity is what the kernel granted, which is less than the
 /// pool asked for once the user's pipe budget is spent.
@@ -14,6 +16,16 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 pub(crate) struct Pipe {
     pub(super) ends: PipeEnds,
     capacity: u32,
+    /// The pool's count of open pipes, decremented when this one closes.
+    open: Option<Rc<Cell<u32>>>,
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        if let Some(open) = &self.open {
+            open.set(open.get().saturating_sub(1));
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -54,6 +66,7 @@ impl Pipe {
         Pipe {
             ends: PipeEnds::Fake(id),
             capacity,
+            open: None,
         }
     }
 
@@ -70,6 +83,8 @@ pub(super) struct PipePool {
     free: Vec<Pipe>,
     max_idle: usize,
     pipe_size: usize,
+    /// Pipes open: idle here or lent (closing one, however it is dropped, counts down).
+    open: Rc<Cell<u32>>,
 }
 
 impl PipePool {
@@ -78,6 +93,7 @@ impl PipePool {
             free: Vec::new(),
             max_idle,
             pipe_size,
+            open: Rc::new(Cell::new(0)),
         }
     }
 
@@ -104,10 +120,17 @@ impl PipePool {
             );
             libc::fcntl(w.as_raw_fd(), libc::F_GETPIPE_SZ)
         };
+        self.open.set(self.open.get() + 1);
         Ok(Pipe {
             ends: PipeEnds::Os { r, w },
             capacity: u32::try_from(capacity).unwrap_or(4096).max(4096),
+            open: Some(Rc::clone(&self.open)),
         })
+    }
+
+    /// (pipes open, of which idle in the pool).
+    pub(super) fn counts(&self) -> (u32, u32) {
+        (self.open.get(), self.free.len() as u32)
     }
 
     /// Takes back a pipe that holds no bytes (the caller's `in_pipe` count is zero).

@@ -155,6 +155,17 @@ fn slot_index(ud: u64) -> usize {
 /// Applies one set of ring setup flags to a builder.
 type SetupFlags = fn(&mut io_uring::Builder);
 
+/// A snapshot of what a ring holds.
+#[derive(Debug)]
+pub(crate) struct RingStats {
+    pub ops_in_flight: usize,
+    pub fixed_in_use: u32,
+    pub pipes_open: u32,
+    pub pipes_idle: u32,
+    /// Per buffer group: buffers the application holds.
+    pub buffers_held: Vec<u32>,
+}
+
 /// Sizes of what a ring registers.
 pub(crate) struct RingSpec {
     pub entries: u32,
@@ -269,6 +280,18 @@ impl Ring {
 
     pub(crate) fn fixed_files(&self) -> u32 {
         self.files.size()
+    }
+
+    /// What the ring holds right now, for `--stats-interval` and the soak.
+    pub(crate) fn stats(&self) -> RingStats {
+        let (pipes_open, pipes_idle) = self.pipes.counts();
+        RingStats {
+            ops_in_flight: self.in_flight,
+            fixed_in_use: self.files.in_use(),
+            pipes_open,
+            pipes_idle,
+            buffers_held: self.pools.iter().map(|p| p.held()).collect(),
+        }
     }
 
     fn alloc(&mut self, waiter: Waiter, mem: OpMem, group: Option<Group>) -> u64 {
