@@ -18,7 +18,9 @@
 //! timeout). So the pool is fair by construction: a job runs only while its
 //! parent domain (last two labels) is under a quarter of the threads and its
 //! client under half; a job still queued when its connection's connect timeout
-//! has passed is answered `Failed` without a lookup (and not cached); and the
+//! has passed, or once every connection waiting for it has gone
+//! ([`ShardResolver::forget`]), is answered `Failed` without a lookup (and not
+//! cached); and the
 //! queue is bounded, overall and per domain, a full one failing new lookups at
 //! once. Names that answer therefore always find a thread within the time it
 //! takes to run one lookup (tests/e2e/dns.rs measures it with 1,000 lookups
@@ -103,12 +105,19 @@ struct Job {
     /// Past this the asking connection has given up: the job is answered `Failed` (uncached)
     /// without a lookup.
     deadline: Instant,
+    /// Set by the shard when every connection waiting for the name has gone: the job is
+    /// answered like an expired one, without a lookup.
+    abandoned: Arc<AtomicBool>,
+    /// Which lookup of the name this is, so that a late answer of an abandoned one is not
+    /// taken for a newer lookup's.
+    id: u64,
     mailbox: Weak<Mailbox>,
 }
 
 /// A finished lookup, travelling from a worker to the shard.
 struct Answer {
     key: Box<[u8]>,
+    id: u64,
     port: u16,
     result: Result<Vec<SocketAddr>, ResolveError>,
     /// False for a job that expired in the queue: no lookup ran, so nothing is cached.
@@ -189,7 +198,10 @@ impl Sched {
         let mut i = 0;
         while i < self.queue.len() {
             let job = &self.queue[i];
-            if job.deadline <= now || job.mailbox.strong_count() == 0 {
+            if job.deadline <= now
+                || job.mailbox.strong_count() == 0
+                || job.abandoned.load(Ordering::Relaxed)
+            {
                 let job = self.queue.remove(i).expect("index checked");
                 unbump(&mut self.queued_per_domain, &job.domain);
                 expired.push(job);
@@ -367,6 +379,7 @@ fn answer(job: Job, result: Result<Vec<SocketAddr>, ResolveError>, cacheable: bo
     if let Some(mailbox) = job.mailbox.upgrade() {
         mailbox.deliver(Answer {
             key: job.name.into_bytes().into_boxed_slice(),
+            id: job.id,
             port: job.port,
             result,
             cacheable,
@@ -441,6 +454,13 @@ fn with_port(addrs: &Addrs, cached_port: u16, port: u16) -> Addrs {
     }
 }
 
+/// A name being looked up for this shard.
+struct Pending {
+    waiters: Vec<(u64, u16)>,
+    abandoned: Arc<AtomicBool>,
+    id: u64,
+}
+
 struct Entry {
     /// Addresses carry the port of the lookup that filled the entry.
     result: Result<Addrs, ResolveError>,
@@ -456,9 +476,11 @@ pub struct ShardResolver {
     /// How long a queued lookup may wait for a thread (the connect timeout: after it, the
     /// connection that asked has given up).
     patience: Duration,
-    /// Names being looked up, with the connections waiting for each (token, port): a second
-    /// connection asking for a name in flight waits for the same answer.
-    pending: HashMap<Box<[u8]>, Vec<(u64, u16)>>,
+    /// Names being looked up, with the connections waiting for each: a second connection
+    /// asking for a name in flight waits for the same answer.
+    pending: HashMap<Box<[u8]>, Pending>,
+    /// Numbers lookups, so that an answer is matched to the lookup that asked for it.
+    next_id: u64,
     // SipHash (the default) on purpose: names come from clients, and a
     // predictable hash would let them force collisions.
     cache: HashMap<Box<[u8]>, Entry>,
@@ -474,6 +496,7 @@ impl ShardResolver {
             resolver,
             patience,
             pending: HashMap::new(),
+            next_id: 0,
             mailbox: Arc::new(Mailbox {
                 answers: Mutex::new(Vec::new()),
                 notified: AtomicBool::new(false),
@@ -531,23 +554,55 @@ impl ShardResolver {
             self.cache.remove(&key);
         }
 
-        if let Some(waiting) = self.pending.get_mut(&key) {
-            waiting.push((token, port));
+        if let Some(p) = self.pending.get_mut(&key) {
+            p.waiters.push((token, port));
             return None;
         }
+        self.next_id += 1;
+        let abandoned = Arc::new(AtomicBool::new(false));
         let job = Job {
             name: text.to_owned(),
             port,
             domain: parent_domain(text),
             client,
             deadline: now + self.patience,
+            abandoned: Arc::clone(&abandoned),
+            id: self.next_id,
             mailbox: Arc::downgrade(&self.mailbox),
         };
         if !self.resolver.submit(job) {
             return Some(Err(ResolveError::Failed));
         }
-        self.pending.insert(key, vec![(token, port)]);
+        let waiters = vec![(token, port)];
+        let id = self.next_id;
+        self.pending.insert(
+            key,
+            Pending {
+                waiters,
+                abandoned,
+                id,
+            },
+        );
         None
+    }
+
+    /// The connection behind `token` no longer waits for its lookup (it closed). A name
+    /// nobody waits for any more is abandoned: still queued, it is dropped without a lookup.
+    pub fn forget(&mut self, token: u64) {
+        let mut emptied = None;
+        for (key, p) in self.pending.iter_mut() {
+            if let Some(i) = p.waiters.iter().position(|w| w.0 == token) {
+                p.waiters.swap_remove(i);
+                if p.waiters.is_empty() {
+                    p.abandoned.store(true, Ordering::Relaxed);
+                    emptied = Some(key.clone());
+                }
+                break;
+            }
+        }
+        if let Some(key) = emptied {
+            self.pending.remove(&key);
+        }
     }
 
     /// Names being looked up for this shard (each once, however many connections wait).
@@ -575,7 +630,13 @@ impl ShardResolver {
             if answer.cacheable {
                 self.insert(key.clone(), answer.port, result.clone(), now);
             }
-            for (token, port) in self.pending.remove(&key).unwrap_or_default() {
+            // The waiters of this very lookup (not of a newer one of the same name, after
+            // this one was abandoned).
+            let waiters = match self.pending.get(&key) {
+                Some(p) if p.id == answer.id => self.pending.remove(&key).map(|p| p.waiters),
+                _ => None,
+            };
+            for (token, port) in waiters.unwrap_or_default() {
                 let result = match &result {
                     Ok(addrs) => Ok(with_port(addrs, answer.port, port)),
                     Err(e) => Err(*e),
@@ -780,6 +841,7 @@ mod tests {
         // Play the worker.
         sr.mailbox.deliver(Answer {
             key: b"x.test".to_vec().into_boxed_slice(),
+            id: 1,
             port: 9,
             result: Ok(vec!["192.0.2.9:9".parse().unwrap()]),
             cacheable: true,
@@ -805,6 +867,7 @@ mod tests {
                 .is_none());
             sr.mailbox.deliver(Answer {
                 key: name.into_bytes().into_boxed_slice(),
+                id: token + 1,
                 port: 1,
                 result: Err(ResolveError::Failed),
                 cacheable: true,
@@ -916,6 +979,7 @@ mod tests {
         assert_eq!(sr.in_flight(), 1);
         sr.mailbox.deliver(Answer {
             key: b"Same.test".to_vec().into_boxed_slice(),
+            id: 1,
             port: 80,
             result: Ok(vec!["192.0.2.5:80".parse().unwrap()]),
             cacheable: true,
@@ -959,6 +1023,8 @@ mod tests {
             domain: parent_domain(name),
             client,
             deadline,
+            abandoned: Arc::new(AtomicBool::new(false)),
+            id: 0,
             mailbox: Arc::downgrade(mailbox),
         }
     }
@@ -1011,6 +1077,7 @@ mod tests {
         assert!(sr.lookup(b"late.test", 80, 1, None, t0).is_none());
         sr.mailbox.deliver(Answer {
             key: b"late.test".to_vec().into_boxed_slice(),
+            id: 1,
             port: 80,
             result: Err(ResolveError::Failed),
             cacheable: false,
@@ -1023,6 +1090,36 @@ mod tests {
             sr.lookup(b"late.test", 80, 2, None, t0).is_none(),
             "asked again"
         );
+    }
+
+    #[test]
+    fn a_lookup_nobody_waits_for_is_abandoned_and_its_late_answer_ignored() {
+        let mut sr = ShardResolver::new(Resolver::spawn(0), PATIENCE).unwrap();
+        let t0 = Instant::now();
+        assert!(sr.lookup(b"gone.test", 80, 1, None, t0).is_none());
+        assert!(sr.lookup(b"gone.test", 80, 2, None, t0).is_none());
+        sr.forget(1);
+        assert_eq!(sr.in_flight(), 1, "token 2 still waits");
+        sr.forget(2);
+        assert_eq!(sr.in_flight(), 0);
+        // Still queued: abandoned, so a worker drops it without a lookup.
+        let mut expired = Vec::new();
+        let next = sr.resolver.pool.lock().next(t0, (4, 4), &mut expired);
+        assert!(next.is_none());
+        assert_eq!(expired.len(), 1);
+        // A new lookup of the name is a new job; the old one's late answer is not its answer.
+        assert!(sr.lookup(b"gone.test", 80, 3, None, t0).is_none());
+        sr.mailbox.deliver(Answer {
+            key: b"gone.test".to_vec().into_boxed_slice(),
+            id: 1,
+            port: 80,
+            result: Err(ResolveError::Failed),
+            cacheable: false,
+        });
+        let mut seen = Vec::new();
+        sr.drain(t0, |t, r| seen.push((t, r)));
+        assert!(seen.is_empty(), "{seen:?}");
+        assert_eq!(sr.in_flight(), 1);
     }
 
     #[test]

@@ -204,6 +204,7 @@ impl Conn {
         }
         self.closing = true;
         self.disarm_timer();
+        self.forget_lookup(cx);
         let waiting = self.inflight > self.shutdowns;
         match &mut self.stage {
             Stage::Tunnel(t) => t.close(cx, &self.client, self.inflight - self.shutdowns),

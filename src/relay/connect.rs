@@ -229,7 +229,19 @@ impl Conn {
         }
     }
 
+    /// A connection leaving the resolving step without its answer (timeout, close) tells the
+    /// resolver, which drops a lookup nobody waits for any more.
+    pub(super) fn forget_lookup<E: Engine>(&mut self, cx: &mut Ctx<'_, E>) {
+        if let Stage::Connect(c) = &mut self.stage {
+            if c.step == Step::Resolving {
+                c.step = Step::Connecting;
+                cx.dns.forget(self.owner(Op::Resolve(0)));
+            }
+        }
+    }
+
     fn fail_connect<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, err: RelayError) {
+        self.forget_lookup(cx);
         let (prefix, dst) = match &mut self.stage {
             Stage::Connect(c) => (std::mem::take(&mut c.reply_prefix), c.dst.clone()),
             _ => (Vec::new(), Addr::Ip(SocketAddr::from(([0, 0, 0, 0], 0)))),

@@ -43,6 +43,9 @@ pub(crate) trait Resolve {
         client: Option<IpAddr>,
         now: Instant,
     ) -> Option<Result<Addrs, ResolveError>>;
+
+    /// The connection behind `owner` no longer waits for the lookup it asked for.
+    fn forget(&mut self, owner: Owner);
 }
 
 impl Resolve for crate::dns::ShardResolver {
@@ -55,6 +58,10 @@ impl Resolve for crate::dns::ShardResolver {
         now: Instant,
     ) -> Option<Result<Addrs, ResolveError>> {
         crate::dns::ShardResolver::lookup(self, name, port, owner.0, client, now)
+    }
+
+    fn forget(&mut self, owner: Owner) {
+        crate::dns::ShardResolver::forget(self, owner.0);
     }
 }
 

@@ -89,6 +89,8 @@ fn datagram(dst: Addr, payload: &[u8]) -> Vec<u8> {
 struct Dns {
     table: HashMap<Vec<u8>, Result<Vec<IpAddr>, ResolveError>>,
     lookups: Vec<(String, u16, Owner)>,
+    /// Lookups the connection stopped waiting for.
+    forgotten: Vec<Owner>,
 }
 
 fn addrs(ips: &[IpAddr], port: u16) -> Addrs {
@@ -108,6 +110,10 @@ impl Resolve for Dns {
         self.lookups.push((shown, port, owner));
         let res = self.table.get(name)?;
         Some(res.clone().map(|ips| addrs(&ips, port)))
+    }
+
+    fn forget(&mut self, owner: Owner) {
+        self.forgotten.push(owner);
     }
 }
 
@@ -720,6 +726,11 @@ fn a_late_dns_answer_after_the_timeout_is_ignored() {
     h.feed(&[&GREETING[..], &connect_name("slow.example", 80)].concat());
     h.advance(Duration::from_secs(2));
     assert_eq!(h.take_sent(c), [vec![5, 0], error_reply(0x04)].concat());
+    assert_eq!(
+        h.dns.forgotten,
+        [h.dns.lookups[0].2],
+        "the resolver is told"
+    );
     h.answer(0, Ok(vec![sa("192.0.2.1:0").ip()]));
     assert!(
         !h.has(|k| matches!(k, Kind::Connect { .. })),

@@ -228,6 +228,7 @@ impl Assoc {
         }
         for p in self.pending.drain(..) {
             self.stats.dropped_other += p.held.len() as u64;
+            cx.dns.forget(self.id.owner(Op::Resolve(p.id)));
         }
     }
 
