@@ -839,13 +839,14 @@ mod tests {
         let t0 = Instant::now();
         assert!(sr.lookup(b"x.test", 9, 5, None, t0).is_none());
         // Play the worker.
-        sr.mailbox.deliver(Answer {
-            key: b"x.test".to_vec().into_boxed_slice(),
-            id: 1,
-            port: 9,
-            result: Ok(vec!["192.0.2.9:9".parse().unwrap()]),
-            cacheable: true,
-        });
+        answer_as_worker(
+            &sr,
+            b"x.test",
+            1,
+            9,
+            Ok(vec!["192.0.2.9:9".parse().unwrap()]),
+            true,
+        );
         assert!(sr.mailbox.notified.load(Ordering::Acquire));
         let mut seen = Vec::new();
         sr.drain(t0, |t, r| seen.push((t, r)));
@@ -964,6 +965,24 @@ mod tests {
         }
     }
 
+    /// What a worker delivers for lookup `id` of `key`.
+    fn answer_as_worker(
+        sr: &ShardResolver,
+        key: &[u8],
+        id: u64,
+        port: u16,
+        result: Result<Vec<SocketAddr>, ResolveError>,
+        cacheable: bool,
+    ) {
+        sr.mailbox.deliver(Answer {
+            key: key.into(),
+            id,
+            port,
+            result,
+            cacheable,
+        });
+    }
+
     /// Jobs waiting in a pool without workers.
     fn queued(sr: &ShardResolver) -> usize {
         sr.resolver.pool.lock().queue.len()
@@ -977,13 +996,14 @@ mod tests {
         assert!(sr.lookup(b"same.TEST", 443, 2, None, t0).is_none());
         assert_eq!(queued(&sr), 1);
         assert_eq!(sr.in_flight(), 1);
-        sr.mailbox.deliver(Answer {
-            key: b"Same.test".to_vec().into_boxed_slice(),
-            id: 1,
-            port: 80,
-            result: Ok(vec!["192.0.2.5:80".parse().unwrap()]),
-            cacheable: true,
-        });
+        answer_as_worker(
+            &sr,
+            b"Same.test",
+            1,
+            80,
+            Ok(vec!["192.0.2.5:80".parse().unwrap()]),
+            true,
+        );
         let mut seen = Vec::new();
         sr.drain(t0, |t, r| seen.push((t, r)));
         assert_eq!(
@@ -1075,13 +1095,7 @@ mod tests {
         let mut sr = ShardResolver::new(Resolver::spawn(0), PATIENCE).unwrap();
         let t0 = Instant::now();
         assert!(sr.lookup(b"late.test", 80, 1, None, t0).is_none());
-        sr.mailbox.deliver(Answer {
-            key: b"late.test".to_vec().into_boxed_slice(),
-            id: 1,
-            port: 80,
-            result: Err(ResolveError::Failed),
-            cacheable: false,
-        });
+        answer_as_worker(&sr, b"late.test", 1, 80, Err(ResolveError::Failed), false);
         let mut seen = Vec::new();
         sr.drain(t0, |t, r| seen.push((t, r)));
         assert_eq!(seen, vec![(1, Err(ResolveError::Failed))]);
@@ -1109,13 +1123,7 @@ mod tests {
         assert_eq!(expired.len(), 1);
         // A new lookup of the name is a new job; the old one's late answer is not its answer.
         assert!(sr.lookup(b"gone.test", 80, 3, None, t0).is_none());
-        sr.mailbox.deliver(Answer {
-            key: b"gone.test".to_vec().into_boxed_slice(),
-            id: 1,
-            port: 80,
-            result: Err(ResolveError::Failed),
-            cacheable: false,
-        });
+        answer_as_worker(&sr, b"gone.test", 1, 80, Err(ResolveError::Failed), false);
         let mut seen = Vec::new();
         sr.drain(t0, |t, r| seen.push((t, r)));
         assert!(seen.is_empty(), "{seen:?}");

@@ -20,6 +20,20 @@ struct Dns {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+impl Dns {
+    /// Waits (at most 10 s) until the flood's queries reach the server.
+    fn wait_for_slow_queries(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.slow_queries.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            self.slow_queries.load(Ordering::Relaxed) > 0,
+            "the flood reached DNS"
+        );
+    }
+}
+
 impl Drop for Dns {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -175,14 +189,7 @@ fn never_answered_names_do_not_delay_names_that_are_answered() {
             )
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while dns.slow_queries.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(
-        dns.slow_queries.load(Ordering::Relaxed) > 0,
-        "the flood reached DNS"
-    );
+    dns.wait_for_slow_queries();
     std::thread::sleep(Duration::from_millis(300));
 
     // A fresh name answered at once, and an IP literal, are relayed promptly meanwhile.
@@ -245,14 +252,7 @@ fn udp_datagrams_to_names_that_never_resolve_do_not_stop_other_associations() {
             a
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while dns.slow_queries.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(
-        dns.slow_queries.load(Ordering::Relaxed) > 0,
-        "the flood reached DNS"
-    );
+    dns.wait_for_slow_queries();
 
     // Another association gets its echo, from an IP literal and from a name answered at once.
     let other = UdpAssoc::open(relay.addr, "127.0.0.1:0");

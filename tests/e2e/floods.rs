@@ -7,26 +7,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-/// Established TCP connections whose local port is `port` (the relay's side of its clients;
-/// the relay keeps sockets in io_uring's fixed-file table, so /proc/PID/fd does not show them).
 fn established_on(port: u16) -> usize {
-    let out = std::process::Command::new("ss")
-        .args([
-            "-tnH",
-            "state",
-            "established",
-            "sport",
-            "=",
-            &format!(":{port}"),
-        ])
-        .output()
-        .expect("run ss");
-    assert!(
-        out.status.success(),
-        "ss: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).lines().count()
+    ss_established(port, false).lines().count()
 }
 
 /// Median time of `n` CONNECT + echo round trips of an innocent client.
@@ -51,7 +33,6 @@ fn ten_thousand_silent_connections_are_reclaimed_and_do_not_delay_a_real_client(
     let echo = echo_server("127.0.0.1:0");
     // Default limits: one shard admits 21,845 connections whatever RLIMIT_NOFILE is.
     let relay = Relay::start(&["--shards", "1", "--handshake-timeout", "5s"]);
-    require_tool("ss");
     let port = relay.addr.port();
     let (rss0, conns0) = (proc_rss_kib(relay.pid()), established_on(port));
     let (before, _) = innocent_latency(relay.addr, &echo, 5);

@@ -238,35 +238,12 @@ fn limit_flags_are_checked() {
 #[test]
 fn tcp_keepalive_probes_client_connections() {
     let _guard = shared();
-    require_tool("ss");
     let relay = Relay::start(&["--tcp-keepalive", "45s"]);
     let _c = admitted(relay.addr);
     // The relay's end of the client connection runs a keepalive timer.
-    let out = std::process::Command::new("ss")
-        .args([
-            "-tnoH",
-            "state",
-            "established",
-            "sport",
-            "=",
-            &format!(":{}", relay.addr.port()),
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = ss_established(relay.addr.port(), true);
     assert!(text.contains("timer:(keepalive"), "ss says:\n{text}");
     let without = Relay::start(&[]);
     let _d = admitted(without.addr);
-    let out = std::process::Command::new("ss")
-        .args([
-            "-tnoH",
-            "state",
-            "established",
-            "sport",
-            "=",
-            &format!(":{}", without.addr.port()),
-        ])
-        .output()
-        .unwrap();
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("keepalive"));
+    assert!(!ss_established(without.addr.port(), true).contains("keepalive"));
 }

@@ -1394,3 +1394,27 @@ impl Drop for Helper {
         let _ = self.child.wait();
     }
 }
+
+/// `ss -tnH[o] state established sport = :PORT`: one line per established TCP socket whose
+/// local port is `port` (the relay's side of its clients; the relay keeps sockets in
+/// io_uring's fixed-file table, so /proc/PID/fd does not show them). `timers` adds `-o`.
+pub fn ss_established(port: u16, timers: bool) -> String {
+    require_tool("ss");
+    let out = Command::new("ss")
+        .args([
+            if timers { "-tnoH" } else { "-tnH" },
+            "state",
+            "established",
+            "sport",
+            "=",
+        ])
+        .arg(format!(":{port}"))
+        .output()
+        .expect("run ss");
+    assert!(
+        out.status.success(),
+        "ss: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
