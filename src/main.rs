@@ -61,7 +61,7 @@ fn run(cfg: Config) -> std::io::Result<()> {
     process::block_termination_signals();
 
     let cfg = Arc::new(cfg);
-    let listeners = server::bind_listeners(&cfg.listen, cfg.shards)?;
+    let listeners = server::bind_listeners(&cfg.listen, cfg.shards, cfg.ipv6_only)?;
     let bound: Vec<_> = listeners[0]
         .iter()
         .filter_map(|s| s.local_addr().ok().and_then(|a| a.as_socket()))

@@ -228,9 +228,22 @@ pub struct Shard {
 
 /// Creates the SO_REUSEPORT listeners for every shard. Port 0 is resolved once (by the first
 /// shard's socket) so that every shard listens on the same port.
-pub fn bind_listeners(addrs: &[SocketAddr], shards: usize) -> std::io::Result<Vec<Vec<Socket>>> {
+/// Binds each address once per shard (SO_REUSEPORT). An IPv6 wildcard (`[::]:PORT`) also
+/// accepts IPv4 clients (as IPv4-mapped addresses) unless `ipv6_only`, or unless an IPv4
+/// address with the same port is listed too, which then keeps its own listener.
+pub fn bind_listeners(
+    addrs: &[SocketAddr],
+    shards: usize,
+    ipv6_only: bool,
+) -> std::io::Result<Vec<Vec<Socket>>> {
     let mut per_shard: Vec<Vec<Socket>> = (0..shards).map(|_| Vec::new()).collect();
     for addr in addrs {
+        let dual = addr.is_ipv6()
+            && addr.ip().is_unspecified()
+            && !ipv6_only
+            && !addrs
+                .iter()
+                .any(|a| a.is_ipv4() && a.port() == addr.port() && addr.port() != 0);
         let mut addr = *addr;
         for list in per_shard.iter_mut() {
             let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -240,7 +253,7 @@ pub fn bind_listeners(addrs: &[SocketAddr], shards: usize) -> std::io::Result<Ve
             // setsockopt per connection.
             sock.set_tcp_nodelay(true)?;
             if addr.is_ipv6() {
-                sock.set_only_v6(true)?;
+                sock.set_only_v6(!dual)?;
             }
             sock.bind(&addr.into())
                 .map_err(|e| std::io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
@@ -613,7 +626,14 @@ impl Shard {
         let sock = Socket::from(fd);
         // The peer address needs an ordinary fd: take it before the socket moves into the
         // fixed-file table. (TCP_NODELAY came with the socket, from the listener.)
-        let peer = sock.peer_addr().ok().and_then(|a| a.as_socket());
+        // IPv4 clients of a dual-stack listener arrive IPv4-mapped: logs, limits and rules see
+        // them as the IPv4 addresses they are.
+        let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+        let peer = sock
+            .peer_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .map(canonical);
         let lease = match self.env.limits.admit(peer.map(|p| p.ip())) {
             Ok(lease) => lease,
             Err(over) => {
@@ -648,7 +668,9 @@ impl Shard {
         }
         let local = self.listeners[listener]
             .local
-            .or_else(|| sock.local_addr().ok().and_then(|a| a.as_socket()));
+            .filter(|l| !l.ip().is_unspecified())
+            .or_else(|| sock.local_addr().ok().and_then(|a| a.as_socket()))
+            .map(canonical);
         let client = self.env.ring.install(OwnedFd::from(sock));
         let conn = Conn::new(id, client, peer, local, self.env.now, lease);
         self.conns.slots[id.slot as usize].conn = Some(Box::new(conn));
@@ -687,7 +709,7 @@ mod tests {
         // The accept path no longer sets TCP_NODELAY itself: it relies on this.
         let addrs: Vec<SocketAddr> =
             vec!["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()];
-        for list in bind_listeners(&addrs, 1).unwrap() {
+        for list in bind_listeners(&addrs, 1, false).unwrap() {
             for l in list {
                 assert!(l.tcp_nodelay().unwrap());
                 let to = l.local_addr().unwrap().as_socket().unwrap();

@@ -203,6 +203,14 @@ struct Args {
     #[arg(long, value_name = "DURATION", default_value = "off", value_parser = parse_idle_timeout, verbatim_doc_comment)]
     tcp_keepalive: Duration,
 
+    /// Make a [::] listener accept IPv6 clients only
+    ///
+    /// By default `--listen [::]:PORT` accepts IPv4 clients too (as
+    /// IPv4-mapped addresses, shown and matched as IPv4), unless an IPv4
+    /// address with the same port is listed as well.
+    #[arg(long, verbatim_doc_comment)]
+    ipv6_only: bool,
+
     /// Log a line per shard every DURATION with what it holds
     ///
     /// Connections, ops in flight, fixed-file slots in use, pipes open
@@ -373,6 +381,7 @@ impl Config {
             max_connections_per_user: args.max_connections_per_user,
             tcp_keepalive: off_if_zero(args.tcp_keepalive),
             stats_interval: off_if_zero(args.stats_interval),
+            ipv6_only: args.ipv6_only,
             drain_timeout: args.drain_timeout,
             busy_poll: off_if_zero(args.busy_poll),
             log_level: args.log_level.into(),

@@ -94,6 +94,8 @@ pub struct Config {
     pub max_connections_per_user: Option<u32>,
     /// TCP keepalive on client connections: idle time before the first probe. `None`: off.
     pub tcp_keepalive: Option<Duration>,
+    /// `[::]` listeners accept IPv6 clients only (else IPv4 too, IPv4-mapped).
+    pub ipv6_only: bool,
     /// Each shard logs what it holds this often. `None`: off.
     pub stats_interval: Option<Duration>,
     /// May be zero: close everything at once on shutdown.

@@ -176,3 +176,50 @@ fn users_file_mode_0644_is_refused() {
         let _ = std::fs::remove_file(&path);
     }
 }
+
+#[test]
+fn a_dual_stack_listener_serves_curl_over_ipv4_and_ipv6() {
+    let _guard = shared();
+    if !has_ipv6_loopback() {
+        eprintln!("skipped: no ::1");
+        return;
+    }
+    let http = http_server("127.0.0.1:0").unwrap();
+    let url = format!("http://127.0.0.1:{}/", http.port());
+    let relay = Relay::start(&["--listen", "[::]:0"]);
+    let port = relay.addr.port();
+    for proxy in [format!("127.0.0.1:{port}"), format!("[::1]:{port}")] {
+        let proxy: std::net::SocketAddr = proxy.parse().unwrap();
+        assert_eq!(curl_ok(proxy, &url), b"hello\n", "via {proxy}");
+    }
+    // An IPv4 client is shown (and limited, and matched) as IPv4, not ::ffff:127.0.0.1.
+    let closed = closed_port();
+    let out = curl(&[
+        "-s",
+        "--max-time",
+        "5",
+        "--socks5",
+        &format!("127.0.0.1:{port}"),
+        &format!("http://{closed}/"),
+    ]);
+    assert!(!out.status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !relay.stderr().contains("client=127.0.0.1:") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let log = relay.stderr();
+    assert!(
+        log.contains("client=127.0.0.1:") && !log.contains("::ffff:"),
+        "{log}"
+    );
+
+    // --ipv6-only: IPv4 clients are not accepted on [::].
+    let v6only = Relay::start(&["--listen", "[::]:0", "--ipv6-only"]);
+    let v4: std::net::SocketAddr = format!("127.0.0.1:{}", v6only.addr.port()).parse().unwrap();
+    assert!(
+        std::net::TcpStream::connect(v4).is_err(),
+        "IPv4 refused with --ipv6-only"
+    );
+    let v6: std::net::SocketAddr = format!("[::1]:{}", v6only.addr.port()).parse().unwrap();
+    assert_eq!(curl_ok(v6, &url), b"hello\n");
+}
