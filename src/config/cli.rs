@@ -20,7 +20,7 @@ use clap::Parser;
 use super::duration::{off_if_zero, parse_duration, parse_idle_timeout, parse_positive_duration};
 use super::users::load_users;
 use super::{
-    invalid, Config, ConfigError, ForwardMode, DEFAULT_FORWARD, DEFAULT_LISTEN,
+    invalid, Config, ConfigError, ForwardMode, Outbound, DEFAULT_FORWARD, DEFAULT_LISTEN,
     DEFAULT_RESOLVER_THREADS, MIN_FRAG_TIMEOUT,
 };
 use crate::proto::udp_assoc::ClientCheck;
@@ -203,6 +203,19 @@ struct Args {
     #[arg(long, value_name = "DURATION", default_value = "off", value_parser = parse_idle_timeout, verbatim_doc_comment)]
     tcp_keepalive: Duration,
 
+    /// Source address of connections and UDP sockets toward targets
+    ///
+    /// Give one IPv4 and/or one IPv6 address; a TCP target uses the one of
+    /// its family (none: the kernel picks). A UDP association's target
+    /// socket uses the IPv4 one if given (then only IPv4 targets), else
+    /// the IPv6 one.
+    #[arg(long, value_name = "IP", verbatim_doc_comment)]
+    outbound_bind: Vec<IpAddr>,
+
+    /// Bind sockets toward targets to network device NAME (SO_BINDTODEVICE)
+    #[arg(long, value_name = "NAME")]
+    outbound_interface: Option<String>,
+
     /// Make a [::] listener accept IPv6 clients only
     ///
     /// By default `--listen [::]:PORT` accepts IPv4 clients too (as
@@ -346,6 +359,36 @@ impl Config {
                 return Err(invalid(format!("{flag}: must be at least 1")));
             }
         }
+        let mut outbound = Outbound {
+            device: args.outbound_interface.clone(),
+            ..Outbound::default()
+        };
+        for ip in &args.outbound_bind {
+            let taken = match ip {
+                IpAddr::V4(v4) => outbound.v4.replace(*v4).is_some(),
+                IpAddr::V6(v6) => outbound.v6.replace(*v6).is_some(),
+            };
+            if taken {
+                return Err(invalid(format!(
+                    "--outbound-bind {ip}: at most one address per family"
+                )));
+            }
+            if ip.is_unspecified() || ip.is_multicast() {
+                return Err(invalid(format!(
+                    "--outbound-bind {ip}: not a source address"
+                )));
+            }
+        }
+        if outbound
+            .device
+            .as_deref()
+            .is_some_and(|d| d.is_empty() || d.len() >= 16 || d.contains('/'))
+        {
+            return Err(invalid(format!(
+                "--outbound-interface {:?}: not an interface name",
+                outbound.device.as_deref().unwrap_or("")
+            )));
+        }
         if args.max_connections_per_user.is_some() && users.is_none() {
             return Err(invalid(
                 "--max-connections-per-user: needs users (--user or --users)".to_string(),
@@ -382,6 +425,7 @@ impl Config {
             tcp_keepalive: off_if_zero(args.tcp_keepalive),
             stats_interval: off_if_zero(args.stats_interval),
             ipv6_only: args.ipv6_only,
+            outbound,
             drain_timeout: args.drain_timeout,
             busy_poll: off_if_zero(args.busy_poll),
             log_level: args.log_level.into(),

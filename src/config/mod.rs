@@ -94,6 +94,8 @@ pub struct Config {
     pub max_connections_per_user: Option<u32>,
     /// TCP keepalive on client connections: idle time before the first probe. `None`: off.
     pub tcp_keepalive: Option<Duration>,
+    /// Source addresses and device of sockets toward targets.
+    pub outbound: Outbound,
     /// `[::]` listeners accept IPv6 clients only (else IPv4 too, IPv4-mapped).
     pub ipv6_only: bool,
     /// Each shard logs what it holds this often. `None`: off.
@@ -120,6 +122,26 @@ pub struct Config {
 pub const MIN_FRAG_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the command line was rejected.
+/// `--outbound-bind` and `--outbound-interface`: where sockets toward targets come from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outbound {
+    pub v4: Option<std::net::Ipv4Addr>,
+    pub v6: Option<std::net::Ipv6Addr>,
+    /// SO_BINDTODEVICE.
+    pub device: Option<String>,
+}
+
+impl Outbound {
+    /// The source address for a target of this family, if one is set.
+    pub fn source_for(&self, v6: bool) -> Option<IpAddr> {
+        if v6 {
+            self.v6.map(IpAddr::V6)
+        } else {
+            self.v4.map(IpAddr::V4)
+        }
+    }
+}
+
 #[derive(Debug)]
 pub enum ConfigError {
     /// A usage error, or `--help` / `--version`: print it the way clap does

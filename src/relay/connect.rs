@@ -16,7 +16,7 @@ use super::token::Op;
 use super::Ctx;
 use crate::dns::{Addrs, ResolveError};
 use crate::proto::{self, Addr, RelayError, Rep};
-use crate::uring::{Completion, Data, Engine, Sock};
+use crate::uring::{Completion, Data, Engine, Sock, Source};
 
 /// How long a rejected client gets to read its error reply.
 pub(super) const REJECT_LINGER: Duration = Duration::from_secs(5);
@@ -111,7 +111,11 @@ impl Conn {
         c.step = Step::Connecting;
         while let Some(&addr) = c.addrs.get(c.next) {
             c.next += 1;
-            match cx.io.connect(addr, owner) {
+            let from = Source {
+                ip: cx.cfg.outbound.source_for(addr.is_ipv6()),
+                device: cx.cfg.outbound.device.as_deref(),
+            };
+            match cx.io.connect(addr, from, owner) {
                 Ok((sock, _)) => {
                     c.target = Some(sock);
                     self.submitted();

@@ -16,7 +16,7 @@ use std::time::Instant;
 use super::bufring::{BufPool, Group, PBuf};
 use super::files::{Sock, SockRepr};
 use super::pipes::Pipe;
-use super::{Chunk, Completion, Data, Engine, OpId, Owner, SpliceEnd};
+use super::{Chunk, Completion, Data, Engine, OpId, Owner, Source, SpliceEnd};
 
 /// What an op was asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -460,7 +460,12 @@ impl Engine for Fake {
         }
     }
 
-    fn connect(&mut self, addr: SocketAddr, owner: Owner) -> io::Result<(Sock, OpId)> {
+    fn connect(
+        &mut self,
+        addr: SocketAddr,
+        _from: Source<'_>,
+        owner: Owner,
+    ) -> io::Result<(Sock, OpId)> {
         if self.refuse_socket.contains(&addr) {
             return Err(io::Error::from_raw_os_error(libc::EAFNOSUPPORT));
         }
@@ -477,7 +482,11 @@ impl Engine for Fake {
         (sock, self.established_addr)
     }
 
-    fn udp_socket(&mut self, bind: SocketAddr) -> io::Result<(Sock, SocketAddr)> {
+    fn udp_socket(
+        &mut self,
+        bind: SocketAddr,
+        _device: Option<&str>,
+    ) -> io::Result<(Sock, SocketAddr)> {
         if self.refuse_udp.contains(&bind) {
             return Err(io::Error::from_raw_os_error(libc::EAFNOSUPPORT));
         }

@@ -75,6 +75,14 @@ pub(crate) enum Data {
     Accepted(OwnedFd),
 }
 
+/// Where a socket toward a target comes from: a source address to bind before connecting,
+/// and a network device to bind to (SO_BINDTODEVICE).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Source<'a> {
+    pub ip: Option<std::net::IpAddr>,
+    pub device: Option<&'a str>,
+}
+
 /// Bytes `off..end` of a provided buffer, for a vectored send.
 #[derive(Debug)]
 pub(crate) struct Chunk {
@@ -163,13 +171,22 @@ pub(crate) trait Engine {
     /// Cancels every op on `sock`; they still complete.
     fn cancel_all(&mut self, sock: &Sock);
     /// Opens a non-blocking TCP socket (TCP_NODELAY) and connects it to `addr`.
-    fn connect(&mut self, addr: SocketAddr, owner: Owner) -> io::Result<(Sock, OpId)>;
+    fn connect(
+        &mut self,
+        addr: SocketAddr,
+        from: Source<'_>,
+        owner: Owner,
+    ) -> io::Result<(Sock, OpId)>;
     /// A connected socket moves to its long-lived form (the fixed-file table); returns it and
     /// its local address.
     fn establish(&mut self, sock: Sock) -> (Sock, Option<SocketAddr>);
     /// A UDP socket bound to `bind` (an unspecified IPv6 address binds dual-stack), with GRO
     /// on and large buffers; returns it and its local address.
-    fn udp_socket(&mut self, bind: SocketAddr) -> io::Result<(Sock, SocketAddr)>;
+    fn udp_socket(
+        &mut self,
+        bind: SocketAddr,
+        device: Option<&str>,
+    ) -> io::Result<(Sock, SocketAddr)>;
     /// Closes a socket. Only when no op on it is in flight.
     fn close(&mut self, sock: Sock);
     /// Lends a pipe for splicing.

@@ -23,7 +23,7 @@ use super::bufring::{BufPool, Group, PBuf};
 use super::files::{FileTable, Sock, SockRepr, Target};
 use super::pipes::{Pipe, PipePool};
 use super::timer::Wheel;
-use super::{Chunk, Completion, Data, Engine, OpId, Owner, SpliceEnd};
+use super::{Chunk, Completion, Data, Engine, OpId, Owner, Source, SpliceEnd};
 
 /// Builds an SQE for either kind of [`Target`]: `$f` is bound to `types::Fd` or `types::Fixed`.
 macro_rules! on_target {
@@ -808,9 +808,20 @@ impl Engine for Ring {
         self.cancel_target(sock.target());
     }
 
-    fn connect(&mut self, addr: SocketAddr, owner: Owner) -> io::Result<(Sock, OpId)> {
+    fn connect(
+        &mut self,
+        addr: SocketAddr,
+        from: Source<'_>,
+        owner: Owner,
+    ) -> io::Result<(Sock, OpId)> {
         let sock = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None)?;
         let _ = sock.set_tcp_nodelay(true);
+        if let Some(dev) = from.device {
+            sock.bind_device(Some(dev.as_bytes()))?;
+        }
+        if let Some(ip) = from.ip {
+            sock.bind(&SocketAddr::new(ip, 0).into())?;
+        }
         let fd = OwnedFd::from(sock);
         let raw = fd.as_raw_fd();
         let addr = Box::new(SockAddr::from(addr));
@@ -833,8 +844,12 @@ impl Engine for Ring {
         (sock, local)
     }
 
-    fn udp_socket(&mut self, bind: SocketAddr) -> io::Result<(Sock, SocketAddr)> {
-        let s = super::sys::udp_socket(bind)?;
+    fn udp_socket(
+        &mut self,
+        bind: SocketAddr,
+        device: Option<&str>,
+    ) -> io::Result<(Sock, SocketAddr)> {
+        let s = super::sys::udp_socket(bind, device)?;
         let local = s
             .local_addr()?
             .as_socket()

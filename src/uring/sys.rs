@@ -31,11 +31,17 @@ const UDP_SOCK_BUF: usize = 4 << 20;
 /// A UDP socket bound to `bind`: an unspecified IPv6 address binds dual-stack (IPv4 peers as
 /// IPv4-mapped), any other IPv6 address IPv6-only. UDP GRO is on (where the kernel has it),
 /// and the socket buffers are large, for bursts.
-pub(crate) fn udp_socket(bind: std::net::SocketAddr) -> io::Result<socket2::Socket> {
+pub(crate) fn udp_socket(
+    bind: std::net::SocketAddr,
+    device: Option<&str>,
+) -> io::Result<socket2::Socket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
     if bind.is_ipv6() {
         s.set_only_v6(!bind.ip().is_unspecified())?;
+    }
+    if let Some(dev) = device {
+        s.bind_device(Some(dev.as_bytes()))?;
     }
     s.bind(&bind.into())?;
     let _ = s.set_recv_buffer_size(UDP_SOCK_BUF);

@@ -223,3 +223,46 @@ fn a_dual_stack_listener_serves_curl_over_ipv4_and_ipv6() {
     let v6: std::net::SocketAddr = format!("[::1]:{}", v6only.addr.port()).parse().unwrap();
     assert_eq!(curl_ok(v6, &url), b"hello\n");
 }
+
+#[test]
+fn outbound_bind_sets_the_source_of_tcp_and_udp_toward_targets() {
+    use std::io::{BufRead, BufReader};
+    let _guard = shared();
+    let peer = peer_server("127.0.0.1:0");
+    let udp_echo = UdpServer::echo("127.0.0.1:0");
+    let relay = Relay::start(&["--outbound-bind", "127.0.0.2"]);
+    let s = socks_connect(
+        relay.addr,
+        std::net::SocketAddr::from(([127, 0, 0, 1], peer.port())),
+    );
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    assert!(line.starts_with("127.0.0.2:"), "the target saw {line:?}");
+    let a = UdpAssoc::open(relay.addr, "127.0.0.1:0");
+    a.expect_echo(udp_echo.addr, b"from 127.0.0.2");
+    let seen = udp_echo.log.lock().unwrap().last().map(|(src, _)| *src);
+    assert_eq!(seen.map(|s| s.ip().to_string()), Some("127.0.0.2".into()));
+    // A device: lo carries loopback targets; a device that does not exist fails the request.
+    let lo = Relay::start(&["--outbound-interface", "lo"]);
+    let dst = Target::Addr(std::net::SocketAddr::from(([127, 0, 0, 1], peer.port())));
+    let (_s, r) = socks_request(lo.addr, None, CMD_CONNECT, &dst).unwrap();
+    assert_eq!(r.rep, 0, "via lo");
+    let none = Relay::start(&["--outbound-interface", "nosuchdev0"]);
+    let (_s, r) = socks_request(none.addr, None, CMD_CONNECT, &dst).unwrap();
+    assert_ne!(r.rep, 0, "via a device that does not exist");
+    for (args, needle) in [
+        (
+            &[
+                "--outbound-bind",
+                "127.0.0.2",
+                "--outbound-bind",
+                "127.0.0.3",
+            ][..],
+            "at most one address per family",
+        ),
+        (&["--outbound-bind", "0.0.0.0"][..], "not a source address"),
+    ] {
+        let f = Relay::try_start(args).err().expect("refused to start");
+        assert!(format!("{f:?}").contains(needle), "{args:?}: {f:?}");
+    }
+}

@@ -26,6 +26,7 @@ use tracing::debug;
 
 use super::super::token::{ConnId, Op, Side, ARG_MAX};
 use super::super::Ctx;
+use crate::config::Outbound;
 use crate::dns::{Addrs, ResolveError};
 use crate::proto::udp_assoc::{ClientCheck, ClientFilter, FragStep, Reassembler};
 use crate::proto::udp_burst::{
@@ -109,15 +110,33 @@ pub(crate) struct Assoc {
 /// Opens the two sockets of an association. `local` is the control connection's local
 /// address; the client-facing socket binds to its IP. Returns them and the client-facing
 /// socket's address.
+/// The target-facing socket takes `outbound`'s source address and device: with an IPv4
+/// source it is an IPv4 socket, else with an IPv6 source an IPv6-only one, else dual-stack.
 pub(crate) fn open<E: Engine>(
     io: &mut E,
     local: SocketAddr,
+    outbound: &Outbound,
 ) -> std::io::Result<(Sock, SocketAddr, Sock, bool)> {
-    let (csock, caddr) = io.udp_socket(SocketAddr::new(local.ip(), 0))?;
+    let (csock, caddr) = io.udp_socket(SocketAddr::new(local.ip(), 0), None)?;
+    let dev = outbound.device.as_deref();
+    let from = match (outbound.v4, outbound.v6) {
+        (Some(v4), _) => Some(SocketAddr::new(IpAddr::V4(v4), 0)),
+        (None, Some(v6)) => Some(SocketAddr::new(IpAddr::V6(v6), 0)),
+        (None, None) => None,
+    };
+    if let Some(from) = from {
+        return match io.udp_socket(from, dev) {
+            Ok((tsock, _)) => Ok((csock, caddr, tsock, from.is_ipv6())),
+            Err(e) => {
+                io.close(csock);
+                Err(e)
+            }
+        };
+    }
     let any6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0);
-    let (tsock, v6) = match io.udp_socket(any6) {
+    let (tsock, v6) = match io.udp_socket(any6, dev) {
         Ok((s, _)) => (s, true),
-        Err(_) => match io.udp_socket(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)) {
+        Err(_) => match io.udp_socket(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0), dev) {
             Ok((s, _)) => (s, false),
             Err(e) => {
                 io.close(csock);

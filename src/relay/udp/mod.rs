@@ -57,7 +57,7 @@ impl Conn {
             let err = RelayError::General("UDP ASSOCIATE is unavailable");
             return self.fail(cx, r.reply_prefix, &r.req.dst, err);
         }
-        let (csock, caddr, tsock, v6) = match assoc::open(cx.io, local) {
+        let (csock, caddr, tsock, v6) = match assoc::open(cx.io, local, &cx.cfg.outbound) {
             Ok(s) => s,
             Err(e) => {
                 info!(client = %self.peer_str(), error = %e, "udp association failed");
