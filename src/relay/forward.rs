@@ -374,15 +374,13 @@ impl Tunnel {
                 f.flush_listed = true;
                 l.cx.shard.copy_flush.push((l.id, d));
             }
-            let scarce = auto && {
+            let stalled = f.queue.len() >= HIGH_WATER;
+            // The pool is looked at only for a stalled direction, never per receive.
+            let scarce = stalled && auto && f.mode != CopyMode::ToSplice && {
                 let free = l.cx.shard.copy_group.and_then(|g| l.cx.io.buf_pool(g));
                 free.is_none_or(|(_, available)| available < l.cx.shard.copy_scarce_below)
             };
-            let Flow::Copy(f) = &mut self.flows[d.index()] else {
-                return Next::Go;
-            };
-            let stalled = f.queue.len() >= HIGH_WATER;
-            let stop = if stalled && scarce && f.mode != CopyMode::ToSplice {
+            let stop = if scarce {
                 // A destination that does not keep up while buffers run short: finish what
                 // the copy path holds, then continue with splice, which holds no shared
                 // buffers while the destination is slow.
