@@ -445,16 +445,14 @@ impl Shard {
     /// Sends what copy-path tunnels received during this turn, one vectored send each.
     fn flush_copies(&mut self) {
         let env = &mut self.env;
-        let listed = std::mem::take(&mut env.state.copy_flush);
-        for (id, d) in listed.iter().copied() {
+        let mut listed = std::mem::take(&mut env.state.copy_flush);
+        for (id, d) in listed.drain(..) {
             self.conns.with(env, id, |c, cx| c.flush_copy(cx, d));
         }
-        // Hand the list's memory back for the next turn.
-        let mut listed = listed;
-        listed.clear();
-        if env.state.copy_flush.is_empty() {
-            env.state.copy_flush = listed;
-        }
+        // A flush sends; it never lists a direction again, so nothing is dropped here. The
+        // list's memory serves the next turn.
+        debug_assert!(env.state.copy_flush.is_empty());
+        env.state.copy_flush = listed;
     }
 
     /// Sends the single datagrams that associations gathered during this turn, in batches.

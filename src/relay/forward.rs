@@ -445,32 +445,18 @@ impl Tunnel {
         let Data::Chunks(chunks) = c.data else {
             return Next::Close;
         };
-        if c.res == -libc::EAGAIN {
-            // No room in the socket buffer, reported rather than waited for (the kernel can
-            // run a send in a worker, where a non-blocking socket does not wait): put the
-            // chunks back and send them again once the socket is writable. `sending` stays
-            // set meanwhile, so nothing overtakes them.
-            let Flow::Copy(f) = &mut self.flows[d.index()] else {
-                return Next::Go;
-            };
-            for chunk in chunks.into_iter().rev() {
-                f.queue.push_front(chunk);
-            }
-            let (_, dst) = self.socks(l.client, d);
-            *l.inflight += 1;
-            l.cx.io
-                .poll(dst, libc::POLLOUT as u32, l.id.owner(Op::PollOut(d)));
-            return Next::Go;
-        }
-        if c.res <= 0 {
+        // -EAGAIN: no room in the socket buffer, reported rather than waited for (the kernel can
+        // run a send in a worker, where a non-blocking socket does not wait). Nothing was sent.
+        let again = c.res == -libc::EAGAIN;
+        if c.res <= 0 && !again {
             return Next::Fail(if c.res == 0 { -libc::EPIPE } else { c.res });
         }
         let Flow::Copy(f) = &mut self.flows[d.index()] else {
             return Next::Go;
         };
-        // Buffers that are out drop here, which gives them back to the kernel; the rest of a
-        // short send goes back to the front of the queue, in order.
-        let mut sent = c.res as u32;
+        // Buffers that are out drop here, which gives them back to the kernel; what was not
+        // sent goes back to the front of the queue, in order.
+        let mut sent = if again { 0 } else { c.res as u32 };
         let mut rest = Vec::new();
         for mut chunk in chunks {
             if sent >= chunk.len() {
@@ -483,6 +469,15 @@ impl Tunnel {
         }
         for chunk in rest.into_iter().rev() {
             f.queue.push_front(chunk);
+        }
+        if again {
+            // Send again once the socket is writable; `sending` stays set meanwhile, so
+            // nothing overtakes the requeued bytes.
+            let (_, dst) = self.socks(l.client, d);
+            *l.inflight += 1;
+            l.cx.io
+                .poll(dst, libc::POLLOUT as u32, l.id.owner(Op::PollOut(d)));
+            return Next::Go;
         }
         self.send_next(l, d);
         let Flow::Copy(f) = &self.flows[d.index()] else {
