@@ -7,6 +7,8 @@
 //!   through the engine trait, so it is unit-tested with a fake engine and virtual time;
 //! - [`proto`]: sans-IO SOCKS5 / RFC 1929 codec, handshake machine, UDP rules and burst
 //!   rewriting; no sockets, no ring;
+//! - [`rules`]: sans-IO access rules (which client and user may reach which target), compiled
+//!   into indexes once, asked by the relay before connecting and after resolving;
 //! - [`dns`]: the getaddrinfo pool whose answers come back to a shard;
 //! - [`config`]: command line and validation;
 //! - `uring`: the io_uring engine, the only place allowed raw memory and system calls (the
@@ -17,12 +19,13 @@ pub mod dns;
 pub mod limits;
 pub mod proto;
 pub(crate) mod relay;
+pub mod rules;
 pub mod server;
 pub(crate) mod uring;
 
 /// Process set-up the binary needs before it starts shards.
 pub mod process {
     pub use crate::uring::sys::{
-        block_termination_signals, ignore_sigpipe, nofile_soft, raise_nofile, wait_termination,
+        block_control_signals, ignore_sigpipe, nofile_soft, raise_nofile, wait_signal,
     };
 }
