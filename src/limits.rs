@@ -6,24 +6,23 @@
 //! limit. What a connection holds is a [`Lease`], which gives its counts back when dropped, so
 //! a connection cannot forget to, nor give back twice.
 //!
-//! Per-address counts live in a fixed table of buckets chosen by a keyed hash of the address
-//! (a per-process random key, so clients cannot aim at one another's bucket): memory stays
-//! bounded whatever the number of addresses, at the price that two addresses sharing a bucket
-//! share a limit (with 65,536 buckets, rare below many thousands of concurrent clients).
-//! Per-user counts are a map built from the users file, so lookups need no lock either.
+//! Per-address and per-user counts live in fixed tables of buckets chosen by a keyed hash of
+//! the address or name (a per-process random key, so clients cannot aim at one another's
+//! bucket): memory stays bounded whatever the number of addresses, users come and go with a
+//! reload without a lock, at the price that two addresses (or users) sharing a bucket share a
+//! limit (with 65,536 buckets, rare below many thousands of concurrent clients).
 //!
 //! Refusals are counted per reason ([`Limits::refused`]) and logged by the shards at most once
 //! a second with the count since the last line ([`RefusalLog`]).
 
-use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Buckets of the per-address table (256 KiB of counters).
-const IP_BUCKETS: usize = 1 << 16;
+/// Buckets of the per-address and per-user tables (256 KiB of counters each).
+const BUCKETS: usize = 1 << 16;
 
 /// Which limit refused a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,24 +49,19 @@ impl Over {
     }
 }
 
-/// The limits and their counters, shared by every shard.
+/// The limits and their counters, shared by every shard. The limits themselves are atomics
+/// too, so a reload (SIGHUP) changes them for new connections without a lock.
 pub struct Limits {
-    max_total: usize,
+    max_total: AtomicUsize,
     total: AtomicUsize,
-    per_ip: Option<PerIp>,
-    per_user: Option<PerUser>,
-    refused: [AtomicU64; 3],
-}
-
-struct PerIp {
-    max: u32,
+    /// 0: no per-address limit.
+    per_ip: AtomicU32,
+    /// 0: no per-user limit.
+    per_user: AtomicU32,
     hasher: RandomState,
-    buckets: Box<[AtomicU32]>,
-}
-
-struct PerUser {
-    max: u32,
-    counts: HashMap<Box<[u8]>, AtomicU32>,
+    ip_buckets: Box<[AtomicU32]>,
+    user_buckets: Box<[AtomicU32]>,
+    refused: [AtomicU64; 3],
 }
 
 /// Takes one from `counter` if it is below `max`.
@@ -79,45 +73,48 @@ fn take(counter: &AtomicU32, max: u32) -> bool {
         .is_ok()
 }
 
+fn buckets() -> Box<[AtomicU32]> {
+    (0..BUCKETS).map(|_| AtomicU32::new(0)).collect()
+}
+
 impl Limits {
-    /// `max_total` connections in all; `per_ip` and `per_user` when set. `users` are the
-    /// names per-user counts are kept for (connections of other names are not counted).
-    pub fn new<'a>(
-        max_total: usize,
-        per_ip: Option<u32>,
-        per_user: Option<u32>,
-        users: impl IntoIterator<Item = &'a [u8]>,
-    ) -> Arc<Limits> {
-        Arc::new(Limits {
-            max_total,
+    /// `max_total` connections in all; `per_ip` and `per_user` when set.
+    pub fn new(max_total: usize, per_ip: Option<u32>, per_user: Option<u32>) -> Arc<Limits> {
+        let l = Limits {
+            max_total: AtomicUsize::new(max_total),
             total: AtomicUsize::new(0),
-            per_ip: per_ip.map(|max| PerIp {
-                max,
-                hasher: RandomState::new(),
-                buckets: (0..IP_BUCKETS).map(|_| AtomicU32::new(0)).collect(),
-            }),
-            per_user: per_user.map(|max| PerUser {
-                max,
-                counts: users
-                    .into_iter()
-                    .map(|u| (Box::from(u), AtomicU32::new(0)))
-                    .collect(),
-            }),
+            per_ip: AtomicU32::new(0),
+            per_user: AtomicU32::new(0),
+            hasher: RandomState::new(),
+            ip_buckets: buckets(),
+            user_buckets: buckets(),
             refused: Default::default(),
-        })
+        };
+        l.set(max_total, per_ip, per_user);
+        Arc::new(l)
+    }
+
+    /// New limits for connections admitted from now on (a reload). Connections already
+    /// admitted keep their counts; ones admitted while a limit was off were not counted by it.
+    pub fn set(&self, max_total: usize, per_ip: Option<u32>, per_user: Option<u32>) {
+        self.max_total.store(max_total, Ordering::Release);
+        self.per_ip.store(per_ip.unwrap_or(0), Ordering::Release);
+        self.per_user
+            .store(per_user.unwrap_or(0), Ordering::Release);
     }
 
     /// No limits but the process-wide one at `usize::MAX` (tests).
     pub fn unlimited() -> Arc<Limits> {
-        Limits::new(usize::MAX, None, None, [])
+        Limits::new(usize::MAX, None, None)
     }
 
     /// Admits a new connection from `ip`, or says which limit it is over (and counts it).
     pub fn admit(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<Lease, Over> {
+        let max_total = self.max_total.load(Ordering::Acquire);
         let taken = self
             .total
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_total).then_some(n + 1)
+                (n < max_total).then_some(n + 1)
             })
             .is_ok();
         if !taken {
@@ -127,11 +124,12 @@ impl Limits {
         let mut lease = Lease {
             limits: Arc::clone(self),
             ip_bucket: None,
-            user: None,
+            user_bucket: None,
         };
-        if let (Some(per_ip), Some(ip)) = (&self.per_ip, ip) {
-            let bucket = per_ip.hasher.hash_one(ip) as usize % IP_BUCKETS;
-            if !take(&per_ip.buckets[bucket], per_ip.max) {
+        let per_ip = self.per_ip.load(Ordering::Acquire);
+        if let (true, Some(ip)) = (per_ip > 0, ip) {
+            let bucket = self.hasher.hash_one(ip) as usize % BUCKETS;
+            if !take(&self.ip_buckets[bucket], per_ip) {
                 drop(lease);
                 return Err(self.refuse(Over::PerIp));
             }
@@ -141,21 +139,17 @@ impl Limits {
     }
 
     /// Adds user `name` to a connection's lease once it has authenticated, or says it is over
-    /// its limit (and counts it). Users without a count (no per-user limit) always pass.
+    /// its limit (and counts it). Without a per-user limit every user passes.
     pub fn admit_user(&self, lease: &mut Lease, name: &[u8]) -> Result<(), Over> {
-        let Some(per_user) = &self.per_user else {
-            return Ok(());
-        };
-        let Some(count) = per_user.counts.get(name) else {
-            return Ok(());
-        };
-        if lease.user.is_some() {
+        let max = self.per_user.load(Ordering::Acquire);
+        if max == 0 || lease.user_bucket.is_some() {
             return Ok(());
         }
-        if !take(count, per_user.max) {
+        let bucket = self.hasher.hash_one(name) as usize % BUCKETS;
+        if !take(&self.user_buckets[bucket], max) {
             return Err(self.refuse(Over::PerUser));
         }
-        lease.user = Some(Box::from(name));
+        lease.user_bucket = Some(bucket);
         Ok(())
     }
 
@@ -179,20 +173,18 @@ impl Limits {
 pub struct Lease {
     limits: Arc<Limits>,
     ip_bucket: Option<usize>,
-    user: Option<Box<[u8]>>,
+    user_bucket: Option<usize>,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         let l = &self.limits;
         l.total.fetch_sub(1, Ordering::AcqRel);
-        if let (Some(per_ip), Some(b)) = (&l.per_ip, self.ip_bucket) {
-            per_ip.buckets[b].fetch_sub(1, Ordering::AcqRel);
+        if let Some(b) = self.ip_bucket {
+            l.ip_buckets[b].fetch_sub(1, Ordering::AcqRel);
         }
-        if let (Some(per_user), Some(u)) = (&l.per_user, &self.user) {
-            if let Some(c) = per_user.counts.get(u) {
-                c.fetch_sub(1, Ordering::AcqRel);
-            }
+        if let Some(b) = self.user_bucket {
+            l.user_buckets[b].fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -201,6 +193,7 @@ impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lease")
             .field("ip_bucket", &self.ip_bucket)
+            .field("user_bucket", &self.user_bucket)
             .finish()
     }
 }
@@ -237,7 +230,7 @@ mod tests {
 
     #[test]
     fn total_limit_admits_up_to_max_and_leases_give_back() {
-        let l = Limits::new(2, None, None, []);
+        let l = Limits::new(2, None, None);
         let a = l.admit(ip("192.0.2.1")).unwrap();
         let _b = l.admit(None).unwrap();
         assert_eq!(l.admit(ip("192.0.2.2")).unwrap_err(), Over::Total);
@@ -249,7 +242,7 @@ mod tests {
 
     #[test]
     fn per_ip_limit_counts_each_address() {
-        let l = Limits::new(100, Some(2), None, []);
+        let l = Limits::new(100, Some(2), None);
         let a1 = l.admit(ip("192.0.2.1")).unwrap();
         let _a2 = l.admit(ip("192.0.2.1")).unwrap();
         assert_eq!(l.admit(ip("192.0.2.1")).unwrap_err(), Over::PerIp);
@@ -262,8 +255,8 @@ mod tests {
     }
 
     #[test]
-    fn per_user_limit_counts_known_users_once_per_connection() {
-        let l = Limits::new(100, None, Some(1), [&b"alice"[..], b"bob"]);
+    fn per_user_limit_counts_users_once_per_connection() {
+        let l = Limits::new(100, None, Some(1));
         let mut c1 = l.admit(None).unwrap();
         l.admit_user(&mut c1, b"alice").unwrap();
         l.admit_user(&mut c1, b"alice").unwrap();
@@ -274,6 +267,24 @@ mod tests {
         let mut c3 = l.admit(None).unwrap();
         l.admit_user(&mut c3, b"alice").unwrap();
         assert_eq!(l.refused(Over::PerUser), 1);
+    }
+
+    #[test]
+    fn set_changes_limits_for_new_connections() {
+        let l = Limits::new(1, None, None);
+        let a = l.admit(ip("192.0.2.1")).unwrap();
+        assert_eq!(l.admit(ip("192.0.2.1")).unwrap_err(), Over::Total);
+        l.set(10, Some(1), Some(1));
+        // `a` was admitted while per-ip was off, so it is not counted against 192.0.2.1.
+        let mut b = l.admit(ip("192.0.2.1")).unwrap();
+        assert_eq!(l.admit(ip("192.0.2.1")).unwrap_err(), Over::PerIp);
+        l.admit_user(&mut b, b"carol").unwrap();
+        let mut c = l.admit(ip("192.0.2.2")).unwrap();
+        assert_eq!(l.admit_user(&mut c, b"carol").unwrap_err(), Over::PerUser);
+        l.set(10, None, None);
+        assert!(l.admit(ip("192.0.2.1")).is_ok());
+        drop((a, b));
+        assert_eq!(l.connections(), 1);
     }
 
     #[test]
