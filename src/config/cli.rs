@@ -15,7 +15,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use std::ffi::OsString;
+
+use clap::error::{ContextKind, ContextValue};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
 
 use super::duration::{off_if_zero, parse_duration, parse_idle_timeout, parse_positive_duration};
 use super::users::load_users;
@@ -24,6 +28,7 @@ use super::{
     DEFAULT_RESOLVER_THREADS, MIN_FRAG_TIMEOUT,
 };
 use crate::proto::udp_assoc::ClientCheck;
+use crate::rules::Rules;
 
 /// Far above any core count we run on; catches typos that would otherwise
 /// try to start a million rings.
@@ -120,6 +125,19 @@ Durations are written 500ms, 10s, 2m or 1h; a bare number means seconds
 #[derive(Parser, Debug)]
 #[command(name = "ringsocks", version, about = ABOUT, long_about = LONG_ABOUT)]
 struct Args {
+    /// Read settings and access rules from FILE (TOML)
+    ///
+    /// Every flag has a key of the same name with '_' for '-'
+    /// (connect_timeout = "10s", listen = ["0.0.0.0:1080"]); flags on the
+    /// command line override the file. [[rule]] and [policy] tables hold
+    /// the access rules. SIGHUP re-reads the file (and the users file).
+    #[arg(long, value_name = "FILE", verbatim_doc_comment)]
+    config: Option<PathBuf>,
+
+    /// Check FILE (and the rest of the command line) and exit: 0 when valid
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    check_config: Option<PathBuf>,
+
     /// Address to accept SOCKS5 clients on; repeat for several
     ///
     /// IPv4, or IPv6 in brackets, with a port: 0.0.0.0:1080, [::]:1080,
@@ -140,8 +158,8 @@ struct Args {
     ///
     /// Split at the first ':', so passwords may contain ':'. Names and
     /// passwords are 1 to 255 bytes. The command line is visible to other
-    /// local users (ps, /proc), so prefer --users outside of testing.
-    /// Combines with --users; a name may only be defined once.
+    /// local users (ps, /proc), so prefer --users-file outside of testing.
+    /// Combines with --users-file; a name may only be defined once.
     #[arg(long = "user", value_name = "NAME:PASS", verbatim_doc_comment)]
     user: Vec<String>,
 
@@ -152,8 +170,13 @@ struct Args {
     /// by group or others (chmod 600), and a name may only be defined
     /// once. Plays the role of 3proxy's "users" list or Dante's
     /// "socksmethod: username", but with its own password file.
-    #[arg(long = "users", value_name = "FILE", verbatim_doc_comment)]
-    users: Option<PathBuf>,
+    #[arg(
+        long,
+        visible_alias = "users",
+        value_name = "FILE",
+        verbatim_doc_comment
+    )]
+    users_file: Option<PathBuf>,
 
     /// Give up connecting to a target after DURATION
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_positive_duration)]
@@ -316,8 +339,67 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let args = Args::try_parse_from(args).map_err(ConfigError::Clap)?;
-        Self::validate(args)
+        let argv: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let cmd = Args::command();
+        let matches = cmd
+            .clone()
+            .try_get_matches_from(&argv)
+            .map_err(ConfigError::Clap)?;
+        let check_only = matches.contains_id("check_config");
+        let path = matches
+            .get_one::<PathBuf>("check_config")
+            .or_else(|| matches.get_one::<PathBuf>("config"))
+            .cloned();
+        let Some(path) = path else {
+            let args = Args::from_arg_matches(&matches).map_err(ConfigError::Clap)?;
+            return Self::validate(args);
+        };
+        let file = super::file::read(&path, &cmd).map_err(ConfigError::Invalid)?;
+        // The file's flags first, then the command line's; a flag the command line gives
+        // replaces the file's (lists too), so it is left out of the file's words.
+        let from_file: Vec<&super::file::Item> = file
+            .items
+            .iter()
+            .filter(|i| matches.value_source(&i.id) != Some(ValueSource::CommandLine))
+            .collect();
+        let mut merged = vec![argv.first().cloned().unwrap_or_else(|| "ringsocks".into())];
+        merged.extend(from_file.iter().flat_map(|i| i.words.iter().cloned()));
+        merged.extend(argv.iter().skip(1).cloned());
+        // An error about a flag the file set names the file, line and key instead.
+        let blame = |flag: &str, msg: &str| -> ConfigError {
+            match from_file.iter().find(|i| i.long == flag) {
+                Some(i) => invalid(format!("{}:{}: {}: {msg}", path.display(), i.line, i.key)),
+                None => invalid(msg.to_string()),
+            }
+        };
+        let args = Args::try_parse_from(&merged).map_err(|e| {
+            let flag = match e.get(ContextKind::InvalidArg) {
+                Some(ContextValue::String(s)) => s.split(' ').next().unwrap_or("").to_string(),
+                _ => String::new(),
+            };
+            if from_file.iter().any(|i| i.long == flag) {
+                let text = e.to_string();
+                let first = text
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches("error: ");
+                blame(&flag, first)
+            } else {
+                ConfigError::Clap(e)
+            }
+        })?;
+        let mut cfg = Self::validate(args).map_err(|e| match e {
+            ConfigError::Invalid(msg) => {
+                let flag = msg.split([' ', ':']).next().unwrap_or("");
+                blame(flag, &msg)
+            }
+            e => e,
+        })?;
+        cfg.rules = Arc::new(Rules::new(file.rules, file.policy));
+        cfg.config_file = Some(path);
+        cfg.check_only = check_only;
+        Ok(cfg)
     }
 
     fn validate(args: Args) -> Result<Config, ConfigError> {
@@ -342,7 +424,7 @@ impl Config {
             MAX_RESOLVER_THREADS,
         )?;
 
-        let users = load_users(&args.user, args.users.as_deref())?.map(Arc::new);
+        let users = load_users(&args.user, args.users_file.as_deref())?.map(Arc::new);
 
         for (flag, n) in [
             ("--max-connections", args.max_connections.map(|n| n as u64)),
@@ -435,6 +517,9 @@ impl Config {
             udp_frag_reassemble: args.udp_frag == UdpFrag::Reassemble,
             udp_frag_timeout: args.udp_frag_timeout,
             udp_idle_timeout: off_if_zero(args.udp_idle_timeout),
+            rules: Arc::new(Rules::allow_all()),
+            config_file: None,
+            check_only: false,
         })
     }
 }
@@ -454,7 +539,6 @@ fn count(flag: &str, n: usize, max: usize) -> Result<usize, ConfigError> {
 mod tests {
     use super::*;
     use crate::config::test_support::{parse, parse_err, TempFile};
-    use clap::CommandFactory;
 
     #[test]
     fn clap_definition_is_consistent() {
@@ -685,6 +769,191 @@ mod tests {
                 other => panic!("{args:?}: {other:?}"),
             }
         }
+    }
+
+    /// Parses `--config FILE` with `text` in the file, plus `args`.
+    fn with_file(text: &str, args: &[&str]) -> (Result<Config, ConfigError>, TempFile) {
+        let file = TempFile::new(text, 0o600);
+        let mut argv = vec!["--config", file.path()];
+        argv.extend_from_slice(args);
+        (parse(&argv), file)
+    }
+
+    #[test]
+    fn config_file_keys_are_the_flags_and_the_command_line_wins() {
+        let users = TempFile::new("carol:c4rol\n", 0o600);
+        let text = format!(
+            "listen = [\"127.0.0.1:1081\", \"[::1]:1082\"]\nshards = 3\nforward = \"copy\"\n\
+             connect_timeout = \"500ms\"\nidle_timeout = 2\nipv6_only = true\n\
+             users_file = \"{}\"\nuser = [\"alice:pw\"]\nmax_connections_per_user = 4\n\
+             outbound_bind = [\"127.0.0.1\"]\nudp_frag = \"drop\"\n",
+            users.path()
+        );
+        let (c, _f) = with_file(&text, &[]);
+        let c = c.unwrap();
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.shards, 3);
+        assert_eq!(c.forward, ForwardMode::Copy);
+        assert_eq!(c.connect_timeout, Duration::from_millis(500));
+        assert_eq!(c.idle_timeout, Some(Duration::from_secs(2)));
+        assert!(c.ipv6_only);
+        assert_eq!(c.users.as_ref().unwrap().len(), 2);
+        assert_eq!(c.max_connections_per_user, Some(4));
+        assert_eq!(c.outbound.v4, Some("127.0.0.1".parse().unwrap()));
+        assert!(!c.udp_frag_reassemble);
+        assert!(c.config_file.is_some() && c.rules.is_empty());
+
+        // The command line replaces a key, lists included.
+        let (c, _f) = with_file(&text, &["--shards", "1", "--listen", "127.0.0.1:9"]);
+        let c = c.unwrap();
+        assert_eq!(c.shards, 1);
+        assert_eq!(c.listen, vec!["127.0.0.1:9".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(
+            c.forward,
+            ForwardMode::Copy,
+            "the rest still comes from the file"
+        );
+        let (c, _f) = with_file("ipv6_only = false\n", &[]);
+        assert!(!c.unwrap().ipv6_only);
+    }
+
+    #[test]
+    fn config_file_rules_and_policy() {
+        let text = "[[rule]]\naction = \"deny\"\nto = [\"10.0.0.0/8\", \"*.example.com\"]\n\
+                    ports = [22, \"8000-8999\"]\n\n[[rule]]\naction = \"allow\"\n\
+                    from = \"192.0.2.0/24\"\nusers = [\"alice\"]\ncommands = [\"connect\", \"udp\"]\n\n\
+                    [policy]\ndefault = \"allow\"\ndeny_private_targets = true\n";
+        let (c, _f) = with_file(text, &[]);
+        let c = c.unwrap();
+        assert_eq!(c.rules.len(), 2);
+        assert!(!c.rules.is_open());
+    }
+
+    /// Every error names the file, the line and the key.
+    #[test]
+    fn config_file_errors_name_the_key_and_the_line() {
+        let cases: &[(&str, &str)] = &[
+            ("shards = 2\nbogus = 1\n", ":2: bogus: unknown key"),
+            (
+                "\n\nconnect_timeout = \"10x\"\n",
+                ":3: connect_timeout: invalid value '10x'",
+            ),
+            ("idle_timeout = \"forever\"\n", ":1: idle_timeout:"),
+            ("shards = \"four\"\n", ":1: shards: invalid value 'four'"),
+            ("shards = 0\n", ":1: shards: --shards: must be at least 1"),
+            (
+                "shards = [1, 2]\n",
+                ":1: shards: takes one value, not a list",
+            ),
+            (
+                "ipv6_only = \"yes\"\n",
+                ":1: ipv6_only: expected true or false",
+            ),
+            (
+                "forward = true\n",
+                ":1: forward: expected a string or a number",
+            ),
+            (
+                "listen = [\"1.2.3.4:1\", \"nowhere\"]\n",
+                ":1: listen: invalid value 'nowhere'",
+            ),
+            (
+                "udp_frag_timeout = \"1s\"\n",
+                ":1: udp_frag_timeout: --udp-frag-timeout: at least 5s",
+            ),
+            (
+                "config = \"x.toml\"\n",
+                ":1: config: not allowed in a config file",
+            ),
+            ("shards = 1\nshards = 2\n", ":2: duplicate key"),
+            ("listen = [\n", ":1: unclosed array"),
+            (
+                "[[rule]]\naction = \"deny\"\nto = [\"10.0.0.0/33\"]\n",
+                ":3: rule 1: to:",
+            ),
+            (
+                "[[rule]]\naction = \"deny\"\nfrom = [\"10.1.2.3/8\"]\n",
+                ":3: rule 1: from:",
+            ),
+            (
+                "[[rule]]\naction = \"deny\"\n\n[[rule]]\naction = \"deny\"\nports = [\"9-2\"]\n",
+                ":6: rule 2: ports:",
+            ),
+            (
+                "[[rule]]\naction = \"deny\"\nports = [70000]\n",
+                ":3: rule 1: ports: port 70000",
+            ),
+            (
+                "[[rule]]\naction = \"deny\"\nports = [\"1-x\"]\n",
+                ":3: rule 1: ports:",
+            ),
+            (
+                "[[rule]]\naction = \"deny\"\ncommands = [\"ping\"]\n",
+                ":3: rule 1: commands: \"ping\"",
+            ),
+            (
+                "[[rule]]\naction = \"maybe\"\n",
+                ":2: rule 1: action: expected \"allow\" or \"deny\"",
+            ),
+            (
+                "[[rule]]\nto = [\"a.example\"]\n",
+                ":1: rule 1: needs action",
+            ),
+            (
+                "[[rule]]\naction = \"deny\"\nto = []\n",
+                ":3: rule 1: to: empty list",
+            ),
+            (
+                "[[rule]]\naction = \"deny\"\nvia = \"up\"\n",
+                ":3: rule 1: via: unknown key",
+            ),
+            (
+                "[policy]\ndefault = \"block\"\n",
+                ":2: policy.default: expected",
+            ),
+            (
+                "[policy]\nstrict = true\n",
+                ":2: policy.strict: unknown key",
+            ),
+        ];
+        for (text, want) in cases {
+            let (r, f) = with_file(text, &[]);
+            let err = match r {
+                Ok(c) => panic!("{text:?} accepted: {c:?}"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                err.starts_with(f.path()) && err.contains(want),
+                "{text:?}: got {err:?}, want {want:?}"
+            );
+        }
+        // A command-line error stays a command-line error.
+        let (r, _f) = with_file("shards = 2\n", &["--shards", "x"]);
+        assert!(matches!(r, Err(ConfigError::Clap(_))));
+        let e = parse_err(&["--config", "/nonexistent/ringsocks.toml"]);
+        assert!(e.contains("/nonexistent/ringsocks.toml"), "{e}");
+    }
+
+    #[test]
+    fn check_config_sets_check_only() {
+        let f = TempFile::new("shards = 1\n", 0o600);
+        let c = parse(&["--check-config", f.path()]).unwrap();
+        assert!(c.check_only);
+        assert_eq!(c.shards, 1);
+        assert!(matches!(
+            parse(&["--check-config", f.path(), "--config", f.path()]),
+            Err(ConfigError::Clap(_))
+        ));
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../examples/ringsocks.toml");
+        let users = TempFile::new("alice:pw\n", 0o600);
+        let (c, _f) = with_file(text, &["--users-file", users.path()]);
+        let c = c.unwrap_or_else(|e| panic!("examples/ringsocks.toml: {e}"));
+        assert_eq!(c.rules.len(), 4);
+        assert_eq!(c.listen.len(), 2);
     }
 
     #[test]

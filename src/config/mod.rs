@@ -18,6 +18,7 @@
 
 mod cli;
 mod duration;
+mod file;
 mod logging;
 #[cfg(test)]
 mod test_support;
@@ -25,11 +26,13 @@ mod users;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::proto::udp_assoc::ClientCheck;
 use crate::proto::Users;
+use crate::rules::Rules;
 
 pub use duration::parse_duration;
 pub use logging::init_logging;
@@ -116,6 +119,12 @@ pub struct Config {
     /// At least 5 s (RFC 1928 §7).
     pub udp_frag_timeout: Duration,
     pub udp_idle_timeout: Option<Duration>,
+    /// The access rules (`[[rule]]`, `[policy]` in the config file); allow-all without a file.
+    pub rules: Arc<Rules>,
+    /// `--config` (or `--check-config`): the file SIGHUP re-reads.
+    pub config_file: Option<PathBuf>,
+    /// `--check-config`: validate, report and exit.
+    pub check_only: bool,
 }
 
 /// RFC 1928 §7: the reassembly timer "MUST be no less than 5 seconds".
