@@ -66,8 +66,10 @@ pub enum RelayError {
     Protocol(ProtoError),
     /// `CMD` not in CONNECT/BIND/UDP ASSOCIATE, or not supported by the relay.
     CommandNotSupported(u8),
-    /// Refused by the ruleset.
+    /// Refused by a connection limit (per user).
     NotAllowed,
+    /// Refused by an access rule or the policy (`crate::rules`).
+    Denied(crate::rules::DeniedBy),
     /// Raw errno from `connect(2)`.
     Connect(i32),
     ConnectTimeout,
@@ -85,7 +87,7 @@ impl RelayError {
             RelayError::Protocol(ProtoError::UnsupportedAtyp(_)) => Rep::ADDRESS_TYPE_NOT_SUPPORTED,
             RelayError::Protocol(_) => Rep::GENERAL_FAILURE,
             RelayError::CommandNotSupported(_) => Rep::COMMAND_NOT_SUPPORTED,
-            RelayError::NotAllowed => Rep::NOT_ALLOWED,
+            RelayError::NotAllowed | RelayError::Denied(_) => Rep::NOT_ALLOWED,
             RelayError::Connect(errno) => match *errno {
                 libc::ECONNREFUSED => Rep::CONNECTION_REFUSED,
                 libc::ENETUNREACH | libc::ENETDOWN => Rep::NETWORK_UNREACHABLE,
@@ -113,6 +115,7 @@ impl fmt::Display for RelayError {
             RelayError::Protocol(e) => e.fmt(f),
             RelayError::CommandNotSupported(c) => write!(f, "command 0x{c:02x} not supported"),
             RelayError::NotAllowed => f.write_str("not allowed by ruleset"),
+            RelayError::Denied(by) => write!(f, "refused by {by}"),
             RelayError::Connect(errno) => {
                 // std renders strerror capitalised ("Connection refused (os
                 // error 111)"); log lines are lowercase throughout.
@@ -155,6 +158,14 @@ mod tests {
             (RelayError::Protocol(ProtoError::AuthFailed), 0x01),
             (RelayError::CommandNotSupported(0x09), 0x07),
             (RelayError::NotAllowed, 0x02),
+            (
+                RelayError::Denied(crate::rules::DeniedBy::Rule { index: 3, line: 17 }),
+                0x02,
+            ),
+            (
+                RelayError::Denied(crate::rules::DeniedBy::PrivateTarget),
+                0x02,
+            ),
             (RelayError::Connect(libc::ECONNREFUSED), 0x05),
             (RelayError::Connect(libc::ENETUNREACH), 0x03),
             (RelayError::Connect(libc::ENETDOWN), 0x03),

@@ -16,6 +16,7 @@ use super::token::Op;
 use super::Ctx;
 use crate::dns::{Addrs, ResolveError};
 use crate::proto::{self, Addr, RelayError, Rep};
+use crate::rules::{Command, Request, Verdict};
 use crate::uring::{Completion, Data, Engine, Sock, Source};
 
 /// How long a rejected client gets to read its error reply.
@@ -42,13 +43,19 @@ pub(crate) struct Connect {
     pub(super) target: Option<Sock>,
     step: Step,
     timed_out: bool,
+    /// The authenticated user, for the rules' check of each resolved address.
+    user: Option<Box<[u8]>>,
 }
 
 impl Conn {
     /// A CONNECT request: resolve its target and connect, within the connect timeout.
     pub(super) fn connect<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, r: Requested) {
-        self.arm_timer(cx, cx.cfg.connect_timeout);
         let dst = r.req.dst;
+        // The request as written: an address, or a name before it is resolved.
+        if let Verdict::Deny(by) = self.access(cx, Command::Connect, &dst, r.user.as_deref()) {
+            return self.fail(cx, r.reply_prefix, &dst, RelayError::Denied(by));
+        }
+        self.arm_timer(cx, cx.cfg.connect_timeout);
         self.stage = Stage::Connect(Box::new(Connect {
             dst: dst.clone(),
             addrs: Vec::new(),
@@ -59,6 +66,7 @@ impl Conn {
             target: None,
             step: Step::Resolving,
             timed_out: false,
+            user: r.user,
         }));
         match dst {
             Addr::Ip(a) => self.connect_to(cx, vec![a]),
@@ -94,10 +102,36 @@ impl Conn {
         }
     }
 
-    fn connect_to<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, addrs: Vec<SocketAddr>) {
+    fn connect_to<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, mut addrs: Vec<SocketAddr>) {
         let Stage::Connect(c) = &mut self.stage else {
             return;
         };
+        // Every address a name resolved to is checked too: a rule (or deny_private_targets)
+        // that refuses an address means it is never connected to, whatever the name said.
+        if let (Addr::Domain(name, _), false) = (&c.dst, cx.cfg.rules.is_open()) {
+            let client = super::client_ip(self.peer);
+            let mut refused = None;
+            addrs.retain(|a| {
+                let req = Request {
+                    client,
+                    user: c.user.as_deref(),
+                    command: Command::Connect,
+                    name: Some(name),
+                    ip: Some(a.ip()),
+                    port: a.port(),
+                };
+                match cx.cfg.rules.check(&req) {
+                    Verdict::Allow => true,
+                    Verdict::Deny(by) => {
+                        refused.get_or_insert(by);
+                        false
+                    }
+                }
+            });
+            if let (true, Some(by)) = (addrs.is_empty(), refused) {
+                return self.fail_connect(cx, RelayError::Denied(by));
+            }
+        }
         c.addrs = addrs;
         self.connect_next(cx);
     }

@@ -28,6 +28,8 @@ pub(super) struct Requested {
     pub reply_prefix: Vec<u8>,
     /// Client bytes that came after the request.
     pub early: Vec<u8>,
+    /// The RFC 1929 user, when the client authenticated.
+    pub user: Option<Box<[u8]>>,
 }
 
 impl Conn {
@@ -72,13 +74,14 @@ impl Conn {
                     req,
                     reply_prefix: out,
                     early: buf[consumed..].to_vec(),
+                    user,
                 };
-                if let Some(user) = user {
-                    if let Err(over) = cx.limits.admit_user(&mut self.lease, &user) {
+                if let Some(user) = &next.user {
+                    if let Err(over) = cx.limits.admit_user(&mut self.lease, user) {
                         if let Some(n) = cx.shard.refusals.note(over, cx.now) {
                             warn!(
                                 client = %self.peer_str(),
-                                user = %String::from_utf8_lossy(&user),
+                                user = %String::from_utf8_lossy(user),
                                 limit = over.flag(),
                                 refused = n,
                                 total = cx.limits.refused(over),

@@ -27,9 +27,45 @@ use std::time::Instant;
 use crate::config::Config;
 use crate::dns::{Addrs, ResolveError};
 use crate::limits::{Limits, RefusalLog};
+use crate::proto::Addr;
+use crate::rules::{Command, Request, Verdict};
 use crate::uring::{Engine, Group, Owner};
 
 pub(crate) use conn::Conn;
+
+/// The client address the rules see: unspecified when the socket had none (never in
+/// practice; no `from` rule matches it).
+pub(crate) fn client_ip(peer: Option<std::net::SocketAddr>) -> IpAddr {
+    peer.map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |p| p.ip())
+}
+
+impl Conn {
+    /// The rules' verdict on a request of `command` for `dst` as the client wrote it: an
+    /// address, or a name before it is resolved.
+    pub(crate) fn access<E: Engine>(
+        &self,
+        cx: &Ctx<'_, E>,
+        command: Command,
+        dst: &Addr,
+        user: Option<&[u8]>,
+    ) -> Verdict {
+        if cx.cfg.rules.is_open() {
+            return Verdict::Allow;
+        }
+        let (name, ip) = match dst {
+            Addr::Ip(a) => (None, Some(a.ip())),
+            Addr::Domain(n, _) => (Some(&n[..]), None),
+        };
+        cx.cfg.rules.check(&Request {
+            client: client_ip(self.peer),
+            user,
+            command,
+            name,
+            ip,
+            port: dst.port(),
+        })
+    }
+}
 pub(crate) use token::{ConnId, Dir, Side};
 
 /// Name resolution as the relay sees it: an answer now (cache hit, IP literal, unusable

@@ -21,6 +21,7 @@ use crate::limits::Limits;
 use crate::proto::codec::{encode_reply, encode_request, encode_userpass};
 use crate::proto::udp::{encode_udp_header, encode_udp_header_addr};
 use crate::proto::{Addr, Command, Rep};
+use crate::rules::{self, Action, Dest, Policy, RuleSpec, Rules};
 use crate::uring::fake::{End, Fake, Kind};
 use crate::uring::sockaddr::to_dual_stack;
 use crate::uring::{Completion, Group, OpId, Owner};
@@ -159,7 +160,6 @@ impl H {
             usize::MAX,
             cfg.max_connections_per_ip,
             cfg.max_connections_per_user,
-            cfg.users.iter().flat_map(|u| u.names()),
         );
         let lease = limits.admit(Some(sa(PEER).ip())).expect("under the limits");
         let conn = Conn::new(ID, sock, Some(sa(PEER)), Some(sa(LOCAL)), now, lease);
@@ -1499,4 +1499,146 @@ fn udp_single_datagrams_of_one_turn_leave_as_one_gso_send_per_destination() {
     h.complete(send_b, 4);
     assert_eq!(h.stage_stats().relayed_out, 4, "counted per datagram");
     h.assert_buffers_back();
+}
+
+// ---- access rules ------------------------------------------------------------------------
+
+/// `H` with these rules and policy in force.
+fn with_rules(rules: &[RuleSpec], policy: Policy) -> H {
+    let mut h = H::new(&[]);
+    h.cfg.rules = Arc::new(Rules::new(rules.to_vec(), policy));
+    h
+}
+
+fn rule(action: Action, to: &[&str]) -> RuleSpec {
+    RuleSpec {
+        to: to.iter().map(|d| Dest::parse(d).unwrap()).collect(),
+        line: 7,
+        ..RuleSpec::new(action)
+    }
+}
+
+#[test]
+fn a_refused_name_gets_rep_02_before_any_lookup() {
+    let mut h = with_rules(
+        &[rule(Action::Deny, &["*.blocked.example"])],
+        Policy::default(),
+    );
+    h.feed(&[&GREETING[..], &connect_name("www.blocked.example", 443)].concat());
+    assert!(h.dns.lookups.is_empty(), "never resolved");
+    assert!(!h.has(|k| matches!(k, Kind::Connect { .. })));
+    h.finish_reject(&[vec![5, 0], error_reply(0x02)].concat());
+}
+
+#[test]
+fn a_refused_ip_literal_gets_rep_02_without_a_connect() {
+    let mut h = with_rules(&[rule(Action::Deny, &["192.0.2.0/24"])], Policy::default());
+    h.feed(&[&GREETING[..], &connect_ip(TARGET)].concat());
+    assert!(!h.has(|k| matches!(k, Kind::Connect { .. })));
+    h.finish_reject(&[vec![5, 0], error_reply(0x02)].concat());
+}
+
+#[test]
+fn resolved_addresses_the_rules_refuse_are_never_connected_to() {
+    let private = Policy {
+        default: Some(Action::Allow),
+        deny_private_targets: true,
+    };
+    // One private and one public address: only the public one is tried.
+    let mut h = with_rules(&[], private.clone());
+    h.feed(&[&GREETING[..], &connect_name("mixed.example", 80)].concat());
+    h.answer(0, Ok(vec![sa("127.0.0.1:0").ip(), sa("192.0.2.1:0").ip()]));
+    let (_, _, addr) = h.connecting();
+    assert_eq!(addr, sa("192.0.2.1:80"));
+
+    // Only private addresses (a rebinding name): REP 0x02, no connect.
+    let mut h = with_rules(&[], private.clone());
+    h.feed(&[&GREETING[..], &connect_name("rebind.example", 80)].concat());
+    h.answer(
+        0,
+        Ok(vec![sa("10.0.0.1:0").ip(), sa("169.254.169.254:0").ip()]),
+    );
+    assert!(!h.has(|k| matches!(k, Kind::Connect { .. })));
+    h.finish_reject(&[vec![5, 0], error_reply(0x02)].concat());
+
+    // An allow rule naming the target lifts deny_private_targets for it.
+    let mut h = with_rules(&[rule(Action::Allow, &["rebind.example"])], private);
+    h.feed(&[&GREETING[..], &connect_name("rebind.example", 80)].concat());
+    h.answer(0, Ok(vec![sa("10.0.0.1:0").ip()]));
+    let (_, _, addr) = h.connecting();
+    assert_eq!(addr, sa("10.0.0.1:80"));
+}
+
+#[test]
+fn udp_datagrams_to_refused_destinations_are_dropped_and_counted() {
+    let deny = RuleSpec {
+        commands: vec![rules::Command::Udp],
+        ..rule(Action::Deny, &["192.0.2.9", "*.blocked.example"])
+    };
+    let mut h = with_rules(
+        &[deny],
+        Policy {
+            default: Some(Action::Allow),
+            deny_private_targets: true,
+        },
+    );
+    let (csock, tsock) = h.associate();
+    let recv = h.udp_recv(csock);
+    h.datagram(
+        recv,
+        UCLIENT,
+        &datagram(Addr::Ip(sa("192.0.2.9:53")), b"no"),
+        0,
+    );
+    h.datagram(
+        recv,
+        UCLIENT,
+        &datagram(Addr::Ip(sa("127.0.0.1:53")), b"no"),
+        0,
+    );
+    h.datagram(
+        recv,
+        UCLIENT,
+        &datagram(Addr::Domain(b"x.blocked.example"[..].into(), 53), b"no"),
+        0,
+    );
+    assert!(h.udp_sent(tsock).is_none(), "nothing sent");
+    assert!(h.dns.lookups.is_empty(), "a refused name is not resolved");
+    assert_eq!(h.stage_stats().dropped_refused, 3);
+    // A name that resolves to a private address is refused after the lookup.
+    h.datagram(
+        recv,
+        UCLIENT,
+        &datagram(Addr::Domain(b"rebind.example"[..].into(), 53), b"no"),
+        0,
+    );
+    h.answer(0, Ok(vec![sa("127.0.0.1:0").ip()]));
+    assert_eq!(h.stage_stats().dropped_refused, 4);
+    // Allowed ones still go.
+    h.datagram(
+        recv,
+        UCLIENT,
+        &datagram(Addr::Ip(sa("192.0.2.7:53")), b"yes"),
+        0,
+    );
+    let (send, bytes, dest, _) = h.udp_sent(tsock).expect("sent");
+    assert_eq!(
+        (bytes.as_slice(), dest),
+        (&b"yes"[..], to_dual_stack(sa("192.0.2.7:53")))
+    );
+    h.complete(send, 3);
+    h.assert_buffers_back();
+}
+
+#[test]
+fn an_association_no_datagram_could_use_is_refused() {
+    let deny = RuleSpec {
+        commands: vec![rules::Command::Udp],
+        ..RuleSpec::new(Action::Deny)
+    };
+    let mut h = with_rules(&[deny], Policy::default());
+    let req = request(Command::UDP_ASSOCIATE, Addr::Ip(sa("0.0.0.0:6000")));
+    h.feed(&[&GREETING[..], &req].concat());
+    assert!(h.fake.udp_sockets.is_empty(), "no sockets opened");
+    h.finish_reject(&[vec![5, 0], error_reply(0x02)].concat());
 }

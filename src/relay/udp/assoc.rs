@@ -19,6 +19,7 @@
 //! - Datagrams to a name wait, copied out of their buffer, for its lookup (a few per
 //!   association); every dropped datagram is counted by reason.
 
+use std::cell::Cell;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Instant;
 
@@ -33,6 +34,7 @@ use crate::proto::udp_burst::{
     insert_reply_headers, strip_client_burst, Aside, Run, GSO_MAX_BYTES, GSO_MAX_SEGMENTS,
 };
 use crate::proto::Addr;
+use crate::rules::{Command, Request, Rules};
 use crate::uring::recvmsg::{RecvMsg, PAYLOAD_OFF};
 use crate::uring::sockaddr::to_dual_stack;
 use crate::uring::{Completion, Data, Engine, OpId, PBuf, Sock};
@@ -60,6 +62,8 @@ pub(crate) struct Stats {
     /// Name did not resolve, too many datagrams waiting on names, client not known yet,
     /// or the send failed.
     pub dropped_other: u64,
+    /// Destination refused by an access rule or the policy.
+    pub dropped_refused: u64,
 }
 
 /// A single datagram waiting for the end of the loop turn, when it leaves with the others to
@@ -103,8 +107,10 @@ pub(crate) struct Assoc {
     pub last_active: Instant,
     /// The address the client sends to.
     pub bnd: SocketAddr,
-    /// The control connection's client (its share of the resolver).
+    /// The control connection's client (its share of the resolver, and the rules' client).
     peer_ip: IpAddr,
+    /// The authenticated user, for the rules.
+    user: Option<Box<[u8]>>,
 }
 
 /// Opens the two sockets of an association. `local` is the control connection's local
@@ -159,6 +165,7 @@ impl Assoc {
         requested: &Addr,
         bnd: SocketAddr,
         now: Instant,
+        user: Option<Box<[u8]>>,
     ) -> Assoc {
         Assoc {
             id,
@@ -167,6 +174,7 @@ impl Assoc {
             tsock_v6,
             filter: ClientFilter::new(check, peer_ip, requested),
             peer_ip,
+            user,
             reasm: Reassembler::default(),
             recv_op: [None, None],
             recv_errors: 0,
@@ -366,15 +374,26 @@ impl Assoc {
         let reasm = &mut self.reasm;
         let frag_bytes = &mut cx.shard.frag_bytes;
         let (now, frag_timeout) = (cx.now, cx.cfg.udp_frag_timeout);
+        let rules = &cx.cfg.rules;
+        let (client, user) = (self.peer_ip, self.user.as_deref());
+        // Set by `route` when the rules refused the datagram it returned None for.
+        let refused = Cell::new(false);
         strip_client_burst(
             bytes,
             PAYLOAD_OFF as usize,
             m.end as usize,
             m.gso as usize,
-            |dst| Self::target_addr(v6, dst),
+            |dst| {
+                if !udp_allowed(rules, client, user, None, dst) {
+                    refused.set(true);
+                    return None;
+                }
+                Self::target_addr(v6, dst)
+            },
             &mut runs,
             |aside| match aside {
                 Aside::Malformed => stats.dropped_malformed += 1,
+                Aside::Unroutable if refused.replace(false) => stats.dropped_refused += 1,
                 Aside::Unroutable => stats.dropped_other += 1,
                 Aside::Domain { dst, data } => later.push((dst, data.to_vec())),
                 Aside::Fragment { frag, dst, data } => {
@@ -613,9 +632,71 @@ impl Assoc {
         payload: Vec<u8>,
     ) {
         match dst {
-            Addr::Ip(a) => self.send_heap(cx, inflight, a, payload),
-            Addr::Domain(name, port) => self.resolve_then_send(cx, inflight, name, port, payload),
+            Addr::Ip(a) => {
+                if udp_allowed(&cx.cfg.rules, self.peer_ip, self.user.as_deref(), None, a) {
+                    self.send_heap(cx, inflight, a, payload);
+                } else {
+                    self.stats.dropped_refused += 1;
+                }
+            }
+            Addr::Domain(name, port) => {
+                let dst = Addr::Domain(name, port);
+                if self.access(cx, &dst) {
+                    let Addr::Domain(name, port) = dst else {
+                        unreachable!("built above")
+                    };
+                    self.resolve_then_send(cx, inflight, name, port, payload);
+                } else {
+                    self.stats.dropped_refused += 1;
+                }
+            }
         }
+    }
+
+    /// Whether the rules let a datagram go to `dst` as the client wrote it (a name before it
+    /// is resolved).
+    fn access<E: Engine>(&self, cx: &Ctx<'_, E>, dst: &Addr) -> bool {
+        let rules = &cx.cfg.rules;
+        if rules.is_open() {
+            return true;
+        }
+        let (name, ip) = match dst {
+            Addr::Ip(a) => (None, Some(a.ip())),
+            Addr::Domain(n, _) => (Some(&n[..]), None),
+        };
+        rules
+            .check(&Request {
+                client: self.peer_ip,
+                user: self.user.as_deref(),
+                command: Command::Udp,
+                name,
+                ip,
+                port: dst.port(),
+            })
+            .is_allowed()
+    }
+
+    /// The first address `name` resolved to that the rules allow, counting a refusal when
+    /// there is none (or a failure when there were no addresses).
+    fn pick<E: Engine>(
+        &mut self,
+        cx: &Ctx<'_, E>,
+        name: &[u8],
+        addrs: &[SocketAddr],
+    ) -> Option<SocketAddr> {
+        let user = self.user.as_deref();
+        let found = addrs
+            .iter()
+            .copied()
+            .find(|&a| udp_allowed(&cx.cfg.rules, self.peer_ip, user, Some(name), a));
+        if found.is_none() {
+            if addrs.is_empty() {
+                self.stats.dropped_other += 1;
+            } else {
+                self.stats.dropped_refused += 1;
+            }
+        }
+        found
     }
 
     fn send_heap<E: Engine>(
@@ -667,8 +748,12 @@ impl Assoc {
             .dns
             .lookup(&name, port, owner, Some(self.peer_ip), cx.now)
         {
-            Some(Ok(addrs)) if !addrs.is_empty() => self.send_heap(cx, inflight, addrs[0], payload),
-            Some(_) => self.stats.dropped_other += 1,
+            Some(Ok(addrs)) => {
+                if let Some(a) = self.pick(cx, &name, &addrs) {
+                    self.send_heap(cx, inflight, a, payload);
+                }
+            }
+            Some(Err(_)) => self.stats.dropped_other += 1,
             None => {
                 if self.pending.len() >= MAX_PENDING_NAMES || waiting >= MAX_PENDING_DATAGRAMS {
                     // The lookup still fills the cache for the next datagram.
@@ -700,9 +785,35 @@ impl Assoc {
         let p = self.pending.swap_remove(i);
         for payload in p.held {
             match &res {
-                Ok(addrs) if !addrs.is_empty() => self.send_heap(cx, inflight, addrs[0], payload),
-                _ => self.stats.dropped_other += 1,
+                Ok(addrs) => {
+                    if let Some(a) = self.pick(cx, &p.name, addrs) {
+                        self.send_heap(cx, inflight, a, payload);
+                    }
+                }
+                Err(_) => self.stats.dropped_other += 1,
             }
         }
     }
+}
+
+/// Whether the rules let a datagram of `client` go to `dst` (an address the client wrote, or
+/// one `name` resolved to).
+fn udp_allowed(
+    rules: &Rules,
+    client: IpAddr,
+    user: Option<&[u8]>,
+    name: Option<&[u8]>,
+    dst: SocketAddr,
+) -> bool {
+    rules.is_open()
+        || rules
+            .check(&Request {
+                client,
+                user,
+                command: Command::Udp,
+                name,
+                ip: Some(dst.ip()),
+                port: dst.port(),
+            })
+            .is_allowed()
 }

@@ -19,6 +19,7 @@ use super::token::Op;
 use super::Ctx;
 use crate::dns::{Addrs, ResolveError};
 use crate::proto::RelayError;
+use crate::rules::{Command, Verdict};
 use crate::uring::{Completion, Data, Engine};
 use assoc::Assoc;
 
@@ -57,6 +58,14 @@ impl Conn {
             let err = RelayError::General("UDP ASSOCIATE is unavailable");
             return self.fail(cx, r.reply_prefix, &r.req.dst, err);
         }
+        // Whether any datagram could be allowed; each one is checked again on its way.
+        let verdict = cx
+            .cfg
+            .rules
+            .check_open(peer.ip(), r.user.as_deref(), Command::Udp);
+        if let Verdict::Deny(by) = verdict {
+            return self.fail(cx, r.reply_prefix, &r.req.dst, RelayError::Denied(by));
+        }
         let (csock, caddr, tsock, v6) = match assoc::open(cx.io, local, &cx.cfg.outbound) {
             Ok(s) => s,
             Err(e) => {
@@ -76,6 +85,7 @@ impl Conn {
             &r.req.dst,
             bnd,
             cx.now,
+            r.user,
         );
         // Control-channel bytes after the request mean nothing: they are dropped.
         self.stage = Stage::Association(Box::new(Association {
@@ -225,6 +235,7 @@ impl Conn {
             dropped_malformed = s.dropped_malformed,
             dropped_frag = s.dropped_frag,
             dropped_other = s.dropped_other,
+            dropped_refused = s.dropped_refused,
             "udp association closed"
         );
     }
