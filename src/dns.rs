@@ -487,6 +487,11 @@ pub struct ShardResolver {
 }
 
 impl ShardResolver {
+    /// A new connect timeout (a reload), for lookups queued from now on.
+    pub fn set_patience(&mut self, patience: Duration) {
+        self.patience = patience;
+    }
+
     /// Creates the shard's mailbox and wake-up pipe. The pipe is blocking,
     /// which suits io_uring (it polls pipes internally); the shard never reads
     /// it with a plain `read(2)`.

@@ -1,5 +1,6 @@
-//! The `ringsocks` binary: parse the command line, start one pinned shard per core, print the
-//! listening addresses, and stop gracefully on SIGINT/SIGTERM.
+//! The `ringsocks` binary: parse the command line (and config file), start one pinned shard per
+//! core, print the listening addresses, re-read the configuration on SIGHUP and hand it to the
+//! shards, and stop gracefully on SIGINT/SIGTERM.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +25,24 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if cfg.check_only {
+        let file = cfg
+            .config_file
+            .as_deref()
+            .unwrap_or(std::path::Path::new("-"));
+        println!(
+            "{}: OK ({} rules, {} users, listen {})",
+            file.display(),
+            cfg.rules.len(),
+            cfg.users.as_ref().map_or(0, |u| u.len()),
+            cfg.listen
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        return;
+    }
     config::init_logging(cfg.log_level);
     if let Err(e) = run(cfg) {
         error!("{e}");
@@ -55,10 +74,9 @@ fn run(cfg: Config) -> std::io::Result<()> {
         max_connections,
         cfg.max_connections_per_ip,
         cfg.max_connections_per_user,
-        cfg.users.iter().flat_map(|u| u.names()),
     );
-    // Blocked here, before any thread starts, so only `wait_termination` sees them.
-    process::block_termination_signals();
+    // Blocked here, before any thread starts, so only `wait_signal` sees them.
+    process::block_control_signals();
 
     let cfg = Arc::new(cfg);
     let listeners = server::bind_listeners(&cfg.listen, cfg.shards, cfg.ipv6_only)?;
@@ -72,10 +90,13 @@ fn run(cfg: Config) -> std::io::Result<()> {
 
     let mut threads = Vec::new();
     let mut wakers = Vec::new();
+    let mut reloads = Vec::new();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     for (id, socks) in listeners.into_iter().enumerate() {
         let (ctl_r, ctl_w) = std::io::pipe()?;
         wakers.push(ctl_w);
+        let (reload_tx, reload_rx) = std::sync::mpsc::channel();
+        reloads.push(reload_tx);
         let spec = ShardSpec {
             id,
             core: (!cores.is_empty()).then(|| cores[id % cores.len()]),
@@ -84,6 +105,7 @@ fn run(cfg: Config) -> std::io::Result<()> {
             resolver: resolver.clone(),
             limits: limits.clone(),
             ctl: ctl_r,
+            reload: reload_rx,
             stop: stop.clone(),
         };
         let ready = ready_tx.clone();
@@ -120,7 +142,34 @@ fn run(cfg: Config) -> std::io::Result<()> {
         out.flush()?;
     }
 
-    let sig = process::wait_termination();
+    let mut cfg = cfg;
+    let sig = loop {
+        let sig = process::wait_signal();
+        if sig != libc::SIGHUP {
+            break sig;
+        }
+        let Some(new) = reload(&cfg) else {
+            continue;
+        };
+        limits.set(
+            new.max_connections
+                .unwrap_or_else(|| server::default_max_connections(new.shards)),
+            new.max_connections_per_ip,
+            new.max_connections_per_user,
+        );
+        cfg = Arc::new(new);
+        // Each shard takes it at its next wake-up: no lock, and nothing on the hot path.
+        for (tx, w) in reloads.iter().zip(&mut wakers) {
+            if tx.send(cfg.clone()).is_ok() {
+                let _ = w.write_all(&[1]);
+            }
+        }
+        info!(
+            rules = cfg.rules.len(),
+            users = cfg.users.as_ref().map_or(0, |u| u.len()),
+            "configuration reloaded"
+        );
+    };
     info!(signal = sig, drain = ?cfg.drain_timeout, "stopping");
     stop.store(true, Ordering::Release);
     for mut w in wakers {
@@ -134,4 +183,43 @@ fn run(cfg: Config) -> std::io::Result<()> {
         return Err(std::io::Error::other("a shard failed"));
     }
     Ok(())
+}
+
+/// Re-reads the command line's configuration (its config file and users file) for SIGHUP.
+/// None, with the reason logged, when it does not parse: the running configuration stays.
+/// Settings that only take effect at start-up keep their running values, with a warning.
+fn reload(running: &Config) -> Option<Config> {
+    let mut new = match Config::from_args() {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "reload failed; the running configuration stays in force");
+            return None;
+        }
+    };
+    let mut restart = Vec::new();
+    macro_rules! keep {
+        ($($field:ident),*) => {$(
+            if new.$field != running.$field {
+                restart.push(stringify!($field));
+                new.$field = running.$field.clone();
+            }
+        )*};
+    }
+    keep!(
+        listen,
+        shards,
+        forward,
+        ipv6_only,
+        busy_poll,
+        log_level,
+        resolver_threads,
+        stats_interval
+    );
+    if !restart.is_empty() {
+        warn!(
+            settings = %restart.join(", "),
+            "changed, but only take effect on a restart; their running values stay"
+        );
+    }
+    Some(new)
 }

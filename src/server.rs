@@ -109,6 +109,8 @@ pub struct ShardSpec {
     pub resolver: Arc<Resolver>,
     pub limits: Arc<Limits>,
     pub ctl: std::io::PipeReader,
+    /// New configurations (SIGHUP), each announced by a byte on `ctl`.
+    pub reload: std::sync::mpsc::Receiver<Arc<Config>>,
     pub stop: Arc<AtomicBool>,
 }
 
@@ -221,6 +223,7 @@ pub struct Shard {
     conns: Slab,
     listeners: Vec<Listener>,
     ctl: std::io::PipeReader,
+    reload: std::sync::mpsc::Receiver<Arc<Config>>,
     stop: Arc<AtomicBool>,
     stopping: bool,
     id: usize,
@@ -351,6 +354,7 @@ impl Shard {
                 })
                 .collect(),
             ctl: spec.ctl,
+            reload: spec.reload,
             stop: spec.stop,
             stopping: false,
             id: spec.id,
@@ -543,6 +547,12 @@ impl Shard {
                 if self.stop.load(Ordering::Acquire) {
                     self.begin_stop();
                 } else {
+                    // Only the newest configuration matters; connections read it from `Env`
+                    // when they next need a setting, so it applies to new ones at once.
+                    if let Some(cfg) = self.reload.try_iter().last() {
+                        self.env.dns.set_patience(cfg.connect_timeout);
+                        self.env.cfg = cfg;
+                    }
                     let fd = self.ctl.as_raw_fd();
                     self.env.ring.read(fd, Vec::with_capacity(8), c.owner);
                 }

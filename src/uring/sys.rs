@@ -80,28 +80,29 @@ pub fn ignore_sigpipe() {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
 }
 
-fn term_set() -> libc::sigset_t {
+fn control_set() -> libc::sigset_t {
     // SAFETY: sigemptyset/sigaddset initialise the set we own.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         set
     }
 }
 
-/// Blocks SIGINT and SIGTERM in the calling thread and every thread it starts afterwards, so
-/// that [`wait_termination`] alone receives them.
-pub fn block_termination_signals() {
-    let set = term_set();
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread and every thread it starts
+/// afterwards, so that [`wait_signal`] alone receives them.
+pub fn block_control_signals() {
+    let set = control_set();
     // SAFETY: pthread_sigmask reads the set we pass; the old mask is not wanted.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 }
 
-/// Waits for SIGINT or SIGTERM and returns its number.
-pub fn wait_termination() -> i32 {
-    let set = term_set();
+/// Waits for SIGINT, SIGTERM or SIGHUP and returns its number.
+pub fn wait_signal() -> i32 {
+    let set = control_set();
     loop {
         let mut sig: libc::c_int = 0;
         // SAFETY: sigwait reads the set and writes the signal number into `sig`.
