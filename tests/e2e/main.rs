@@ -12,6 +12,7 @@ mod floods;
 mod limits;
 mod ncat;
 mod probes;
+mod rules;
 mod scale;
 mod shutdown;
 mod udp;

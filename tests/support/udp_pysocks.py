@@ -150,9 +150,29 @@ def mode_control_close(a):
     print("OK nothing relayed after the control connection closed", flush=True)
 
 
+def mode_allowed_refused(a):
+    """--target is allowed by the relay's rules, --target2 refused: echoes from the first,
+    silence from the second, and the association keeps working after the refusal."""
+    ok, refused = hostport(a.target), hostport(a.target2)
+    s = udp_client(hostport(a.proxy))
+    expect_echo(s, ok, b"to the allowed target", "allowed, before")
+    s.sendto(b"to the refused target", refused)
+    s.settimeout(1.0)
+    try:
+        data, src = s.recvfrom(65535)
+        fail("a reply came back from %r for a refused destination: %r" % (src, data[:40]))
+    except socket.timeout:
+        pass
+    s.settimeout(TIMEOUT)
+    expect_echo(s, ok, b"to the allowed target again", "allowed, after")
+    s.close()
+    print("OK allowed echoed, refused dropped", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["echo", "dns", "two-targets", "control-close"])
+    ap.add_argument("mode", choices=["echo", "dns", "two-targets", "control-close",
+                                       "allowed-refused"])
     ap.add_argument("--proxy", required=True)
     ap.add_argument("--target")
     ap.add_argument("--target2")
@@ -165,6 +185,7 @@ def main():
         "dns": mode_dns,
         "two-targets": mode_two_targets,
         "control-close": mode_control_close,
+        "allowed-refused": mode_allowed_refused,
     }[a.mode](a)
     return 0
 

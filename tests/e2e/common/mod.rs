@@ -335,7 +335,7 @@ pub struct Server {
 }
 
 impl Server {
-    fn spawn<F>(bind: &str, handler: F) -> io::Result<Server>
+    pub fn spawn<F>(bind: &str, handler: F) -> io::Result<Server>
     where
         F: Fn(TcpStream) + Send + Sync + 'static,
     {
