@@ -953,7 +953,12 @@ mod tests {
         let (c, _f) = with_file(text, &["--users-file", users.path()]);
         let c = c.unwrap_or_else(|e| panic!("examples/ringsocks.toml: {e}"));
         assert_eq!(c.rules.len(), 4);
-        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.listen, vec!["[::]:1080".parse::<SocketAddr>().unwrap()]);
+        let readme = include_str!("../../README.md");
+        assert!(
+            readme.contains(&format!("```toml\n{text}```")),
+            "README.md shows examples/ringsocks.toml as it is"
+        );
     }
 
     #[test]
