@@ -5,10 +5,10 @@
 #   scripts/fuzz.sh [SECONDS]          # every target for SECONDS each (default 60)
 #   scripts/fuzz.sh 600 handshake      # one target
 #
-# Targets (fuzz/fuzz_targets): decoders, handshake, udp_burst. Each run starts from the
-# committed seed corpus fuzz/corpus/<target> (read-only here: new inputs go to a temp dir, so a
-# CI clone stays clean) and fails on the first crash, leaving the input in that temp dir and
-# printing how to reproduce it. Refresh the committed seeds with scripts/fuzz.sh --merge.
+# Targets (fuzz/fuzz_targets): decoders, handshake, udp_burst, proxy_header. Each run starts
+# from the committed seed corpus fuzz/corpus/<target> (read-only here: new inputs go to a temp
+# dir, so a CI clone stays clean) and fails on the first crash, leaving the input in that temp
+# dir and printing how to reproduce it. Refresh the committed seeds with scripts/fuzz.sh --merge.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 merge=0
@@ -16,7 +16,7 @@ if [ "${1:-}" = "--merge" ]; then merge=1; shift; fi
 secs=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(decoders handshake udp_burst)
+[ ${#targets[@]} -gt 0 ] || targets=(decoders handshake udp_burst proxy_header)
 triple=$(rustc -vV | sed -n 's/^host: //p')
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \

@@ -5,12 +5,16 @@
 //! server and relay only ever move bytes in and out of these functions.
 //! This is the code that parses attacker-controlled input: no raw memory here (the crate's
 //! lints deny it outside the engine).
+//!
+//! - [`proxy`]: HAProxy's PROXY protocol header (v1 text, v2 binary) that a load balancer
+//!   may prepend to a connection, decoded the same sans-IO way.
 
 pub mod addr;
 pub mod auth;
 pub mod client;
 pub mod codec;
 pub mod error;
+pub mod proxy;
 pub mod server;
 pub mod udp;
 pub mod udp_assoc;
