@@ -286,6 +286,11 @@ impl Resolver {
         Self::spawn(threads.max(1))
     }
 
+    /// Lookups waiting for a thread, over all shards (for the metrics; takes the lock).
+    pub fn queue_depth(&self) -> usize {
+        self.pool.sched.lock().map_or(0, |s| s.queue.len())
+    }
+
     /// `new` without the lower bound: tests use 0 workers to get a pool that
     /// accepts jobs but never answers.
     fn spawn(threads: usize) -> Arc<Resolver> {

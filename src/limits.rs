@@ -126,16 +126,28 @@ impl Limits {
             ip_bucket: None,
             user_bucket: None,
         };
-        let per_ip = self.per_ip.load(Ordering::Acquire);
-        if let (true, Some(ip)) = (per_ip > 0, ip) {
-            let bucket = self.hasher.hash_one(ip) as usize % BUCKETS;
-            if !take(&self.ip_buckets[bucket], per_ip) {
+        if let Some(ip) = ip {
+            if let Err(over) = self.admit_ip(&mut lease, ip) {
                 drop(lease);
-                return Err(self.refuse(Over::PerIp));
+                return Err(over);
             }
-            lease.ip_bucket = Some(bucket);
         }
         Ok(lease)
+    }
+
+    /// Counts a connection against the per-address limit of `ip` (at accept, or once a PROXY
+    /// protocol header has told the client's real address), or says it is over it.
+    pub fn admit_ip(&self, lease: &mut Lease, ip: IpAddr) -> Result<(), Over> {
+        let per_ip = self.per_ip.load(Ordering::Acquire);
+        if per_ip == 0 || lease.ip_bucket.is_some() {
+            return Ok(());
+        }
+        let bucket = self.hasher.hash_one(ip) as usize % BUCKETS;
+        if !take(&self.ip_buckets[bucket], per_ip) {
+            return Err(self.refuse(Over::PerIp));
+        }
+        lease.ip_bucket = Some(bucket);
+        Ok(())
     }
 
     /// Adds user `name` to a connection's lease once it has authenticated, or says it is over

@@ -6,9 +6,12 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use ringsocks::access_log::AccessLog;
+use ringsocks::activation;
 use ringsocks::config::{self, Config};
 use ringsocks::dns::Resolver;
 use ringsocks::limits::Limits;
+use ringsocks::metrics::{self, Metrics, ShardMetrics};
 use ringsocks::process;
 use ringsocks::server::{self, Shard, ShardSpec};
 use tracing::{error, info, warn};
@@ -53,6 +56,8 @@ fn main() {
 
 fn run(cfg: Config) -> std::io::Result<()> {
     process::ignore_sigpipe();
+    // Before any thread starts: this edits the environment (LISTEN_PID, LISTEN_FDS).
+    let passed = process::take_listen_fds()?;
     let nofile = match process::raise_nofile() {
         Ok(n) => n,
         Err(e) => {
@@ -79,7 +84,16 @@ fn run(cfg: Config) -> std::io::Result<()> {
     process::block_control_signals();
 
     let cfg = Arc::new(cfg);
-    let listeners = server::bind_listeners(&cfg.listen, cfg.shards, cfg.ipv6_only)?;
+    // Socket activation: the service manager's sockets replace --listen, shared by the shards.
+    let listeners = if passed.is_empty() {
+        server::bind_listeners(&cfg.listen, cfg.shards, cfg.ipv6_only)?
+    } else {
+        info!(
+            sockets = passed.len(),
+            "socket-activated: using the passed sockets, not --listen"
+        );
+        activation::listeners_from_fds(passed, cfg.shards)?
+    };
     let bound: Vec<_> = listeners[0]
         .iter()
         .filter_map(|s| s.local_addr().ok().and_then(|a| a.as_socket()))
@@ -87,6 +101,15 @@ fn run(cfg: Config) -> std::io::Result<()> {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let resolver = Resolver::new(cfg.resolver_threads);
     let stop = Arc::new(AtomicBool::new(false));
+    let (access, access_writer) = match &cfg.access_log {
+        Some(path) => {
+            let (log, writer) = AccessLog::open(path, cfg.access_log_format)?;
+            (Some(log), Some(writer))
+        }
+        None => (None, None),
+    };
+    let shard_metrics: Vec<Arc<ShardMetrics>> =
+        (0..listeners.len()).map(|_| Arc::default()).collect();
 
     let mut threads = Vec::new();
     let mut wakers = Vec::new();
@@ -107,6 +130,8 @@ fn run(cfg: Config) -> std::io::Result<()> {
             ctl: ctl_r,
             reload: reload_rx,
             stop: stop.clone(),
+            metrics: shard_metrics[id].clone(),
+            access: access.clone(),
         };
         let ready = ready_tx.clone();
         let t = std::thread::Builder::new()
@@ -128,6 +153,19 @@ fn run(cfg: Config) -> std::io::Result<()> {
             Err(_) => return Err(std::io::Error::other("a shard exited during start-up")),
         }
     }
+    if let Some(addr) = cfg.metrics {
+        let m = Metrics {
+            shards: shard_metrics,
+            resolver: resolver.clone(),
+            limits: limits.clone(),
+            stop: stop.clone(),
+            access_dropped: access
+                .as_ref()
+                .map_or_else(Default::default, |a| a.dropped()),
+        };
+        metrics::serve(addr, Arc::new(m))
+            .map_err(|e| std::io::Error::new(e.kind(), format!("--metrics {addr}: {e}")))?;
+    }
     info!(
         shards = cfg.shards,
         forward = ?cfg.forward,
@@ -145,6 +183,13 @@ fn run(cfg: Config) -> std::io::Result<()> {
     let mut cfg = cfg;
     let sig = loop {
         let sig = process::wait_signal();
+        if sig == libc::SIGUSR1 {
+            if let Some(a) = &access {
+                info!("reopening the access log");
+                a.reopen();
+            }
+            continue;
+        }
         if sig != libc::SIGHUP {
             break sig;
         }
@@ -178,6 +223,11 @@ fn run(cfg: Config) -> std::io::Result<()> {
     let mut failed = false;
     for t in threads {
         failed |= !matches!(t.join(), Ok(Ok(())));
+    }
+    // The shards' handles are gone with them; the last one closes the writer's queue.
+    drop(access);
+    if let Some(w) = access_writer {
+        w.join();
     }
     if failed {
         return Err(std::io::Error::other("a shard failed"));
@@ -213,7 +263,10 @@ fn reload(running: &Config) -> Option<Config> {
         busy_poll,
         log_level,
         resolver_threads,
-        stats_interval
+        stats_interval,
+        metrics,
+        access_log,
+        access_log_format
     );
     if !restart.is_empty() {
         warn!(

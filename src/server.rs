@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, info, warn};
 
+use crate::access_log::AccessLog;
 use crate::config::{Config, ForwardMode};
 use crate::dns::{Resolver, ShardResolver};
 use crate::limits::Limits;
+use crate::metrics::{Outcome, ShardMetrics};
 use crate::relay::token::{self, ConnId, Op, MAX_SLOT};
 use crate::relay::{Conn, Ctx, ShardState};
 use crate::uring::{Completion, Data, Engine, Owner, Ring, RingSpec};
@@ -83,6 +85,9 @@ const COPY_BUF_EXPOSED: u16 = 256;
 const UDP_BUF_ENTRIES: u16 = 512;
 const UDP_BUF_EXPOSED: u16 = 512;
 const UDP_BUF_SIZE: u32 = 68 * 1024;
+/// How often a shard copies its ring's gauges (pipes, buffers) into its metrics.
+const GAUGES_EVERY: Duration = Duration::from_millis(500);
+
 const RING: RingSpec = RingSpec {
     entries: 4096,
     fixed_files: 1 << 16,
@@ -112,6 +117,8 @@ pub struct ShardSpec {
     /// New configurations (SIGHUP), each announced by a byte on `ctl`.
     pub reload: std::sync::mpsc::Receiver<Arc<Config>>,
     pub stop: Arc<AtomicBool>,
+    pub metrics: Arc<ShardMetrics>,
+    pub access: Option<AccessLog>,
 }
 
 struct Slot {
@@ -134,6 +141,8 @@ struct Env {
     dns: ShardResolver,
     cfg: Arc<Config>,
     limits: Arc<Limits>,
+    metrics: Arc<ShardMetrics>,
+    access: Option<AccessLog>,
     state: ShardState,
     /// The time at the start of this loop turn (one clock read per turn).
     now: Instant,
@@ -148,6 +157,8 @@ impl Env {
             dns: &mut self.dns,
             shard: &mut self.state,
             limits: &self.limits,
+            metrics: &self.metrics,
+            access: self.access.as_ref(),
         }
     }
 }
@@ -283,6 +294,7 @@ impl Shard {
         match Self::setup(spec) {
             Ok(mut shard) => {
                 shard.arm();
+                shard.env.metrics.accepting.store(true, Ordering::Release);
                 let _ = ready.send(Ok(()));
                 // Dropping the shard drops its ring, which cancels and drains every op.
                 shard.turn_until_stopped()
@@ -330,6 +342,8 @@ impl Shard {
                 dns: ShardResolver::new(spec.resolver, spec.cfg.connect_timeout)?,
                 cfg: spec.cfg,
                 limits: spec.limits,
+                metrics: spec.metrics,
+                access: spec.access,
                 state: ShardState {
                     copy_group,
                     copy_scarce_below: u32::from(COPY_BUF_ENTRIES / 4),
@@ -414,6 +428,7 @@ impl Shard {
         let mut expired = Vec::new();
         let busy_poll = self.env.cfg.busy_poll;
         let mut last_event = Instant::now();
+        let mut gauges_at = Instant::now();
         loop {
             match busy_poll {
                 None => self.env.ring.submit_and_wait(1)?,
@@ -435,6 +450,10 @@ impl Shard {
             self.env
                 .ring
                 .arm_wheel(self.env.now, ShardOp::Wheel.owner());
+            if self.env.now >= gauges_at {
+                gauges_at = self.env.now + GAUGES_EVERY;
+                self.publish_gauges();
+            }
             if self.stopping
                 && self.conns.live == 0
                 && self.listeners.iter().all(|l| l.sock.is_none())
@@ -444,6 +463,26 @@ impl Shard {
         }
         info!(shard = self.id, "shard stopped");
         Ok(())
+    }
+
+    /// The ring's gauges for the metrics (the scrape thread cannot read the ring).
+    fn publish_gauges(&mut self) {
+        let r = self.env.ring.stats();
+        let m = &self.env.metrics;
+        m.pipes_open.set(r.pipes_open as u64);
+        m.pipes_idle.set(r.pipes_idle as u64);
+        let held = self
+            .env
+            .state
+            .copy_group
+            .and_then(|g| r.buffers_held.get(g.index()).copied())
+            .unwrap_or(0);
+        let total = if self.env.state.copy_group.is_some() {
+            u64::from(COPY_BUF_ENTRIES)
+        } else {
+            0
+        };
+        m.copy_buffers_free.set(total.saturating_sub(held as u64));
     }
 
     /// Sends what copy-path tunnels received during this turn, one vectored send each.
@@ -582,7 +621,7 @@ impl Shard {
                 }
                 for id in self.conns.ids() {
                     self.conns
-                        .with(&mut self.env, id, |conn, cx| conn.close(cx));
+                        .with(&mut self.env, id, |conn, cx| conn.shut_down(cx));
                 }
             }
             _ => {}
@@ -642,9 +681,33 @@ impl Shard {
             .ok()
             .and_then(|a| a.as_socket())
             .map(canonical);
-        let lease = match self.env.limits.admit(peer.map(|p| p.ip())) {
+        self.env.metrics.accepted.inc();
+        // Behind a balancer the TCP peer is the balancer: only a trusted one may connect, and
+        // the per-address limit waits for the client's address in its PROXY header.
+        let proxied = self.env.cfg.proxy_protocol;
+        if proxied {
+            let trusted = peer.is_some_and(|p| {
+                self.env
+                    .cfg
+                    .trusted_proxies
+                    .iter()
+                    .any(|n| n.contains(&p.ip()))
+            });
+            if !trusted {
+                self.env.metrics.closed(Outcome::ProxyHeader);
+                info!(
+                    shard = self.id,
+                    peer = %peer.map_or_else(|| "?".to_string(), |p| p.to_string()),
+                    "connection refused: not a --trusted-proxy address"
+                );
+                return;
+            }
+        }
+        let ip = if proxied { None } else { peer.map(|p| p.ip()) };
+        let lease = match self.env.limits.admit(ip) {
             Ok(lease) => lease,
             Err(over) => {
+                self.env.metrics.closed(Outcome::Limit);
                 // Closed at accept: dropping the socket closes it.
                 if let Some(n) = self.env.state.refusals.note(over, self.env.now) {
                     warn!(
@@ -659,6 +722,7 @@ impl Shard {
             }
         };
         let Some(id) = self.conns.vacant() else {
+            self.env.metrics.closed(Outcome::Limit);
             warn!(
                 shard = self.id,
                 "connection table full; dropping a new connection"
@@ -680,7 +744,10 @@ impl Shard {
             .or_else(|| sock.local_addr().ok().and_then(|a| a.as_socket()))
             .map(canonical);
         let client = self.env.ring.install(OwnedFd::from(sock));
-        let conn = Conn::new(id, client, peer, local, self.env.now, lease);
+        let mut conn = Conn::new(id, client, peer, local, self.env.now, lease);
+        if proxied {
+            conn.expect_proxy_header();
+        }
         self.conns.slots[id.slot as usize].conn = Some(Box::new(conn));
         self.conns.live += 1;
         self.conns
@@ -692,6 +759,7 @@ impl Shard {
             return;
         }
         self.stopping = true;
+        self.env.metrics.accepting.store(false, Ordering::Release);
         info!(
             shard = self.id,
             connections = self.conns.live,

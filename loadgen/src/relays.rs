@@ -427,6 +427,11 @@ impl Relay {
             args.extend(["--forward".into(), mode.into()]);
         }
         args.extend(["--log-level".into(), "warn".into()]);
+        // Extra flags for every ringsocks this run starts (the CI check runs with metrics and
+        // the access log on); they show in the report's command.
+        if let Ok(extra) = std::env::var("RINGSOCKS_EXTRA_ARGS") {
+            args.extend(extra.split_whitespace().map(String::from));
+        }
         let (mut cmd, argv) = pinned(cpu, ringsocks, &args);
         let mut child = cmd
             .stdin(Stdio::null())

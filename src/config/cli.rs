@@ -285,6 +285,40 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_RESOLVER_THREADS, verbatim_doc_comment)]
     resolver_threads: usize,
 
+    /// Expect a PROXY protocol header (v1 or v2) before each client's greeting
+    ///
+    /// For instances behind an L4 load balancer (HAProxy send-proxy-v2,
+    /// an NLB with proxy protocol): the header's source address becomes
+    /// the client's for rules, limits, logs, metrics and the UDP client
+    /// check. Accepted only from --trusted-proxy addresses; any other
+    /// peer, and a missing or malformed header, is closed.
+    #[arg(long, requires = "trusted_proxy", verbatim_doc_comment)]
+    proxy_protocol: bool,
+
+    /// With --proxy-protocol: a balancer's address or CIDR; repeat for several
+    #[arg(long, value_name = "CIDR", requires = "proxy_protocol")]
+    trusted_proxy: Vec<String>,
+
+    /// Serve Prometheus metrics on ADDR (/metrics) and a health check (/healthz)
+    ///
+    /// /healthz answers 200 while every shard accepts and 503 once a
+    /// drain (SIGTERM) has begun: a readiness probe for load balancers.
+    /// Off by default; bind it to loopback or a management network.
+    #[arg(long, value_name = "ADDR", verbatim_doc_comment)]
+    metrics: Option<SocketAddr>,
+
+    /// Write one line per finished tunnel, association or refused request
+    ///
+    /// To PATH (appended; SIGUSR1 reopens it, for logrotate), or "-" for
+    /// standard output. A shard never waits for it: when the writer falls
+    /// behind, lines are dropped and counted.
+    #[arg(long, value_name = "PATH", verbatim_doc_comment)]
+    access_log: Option<String>,
+
+    /// Access-log line format
+    #[arg(long, value_name = "FORMAT", default_value = "text")]
+    access_log_format: crate::access_log::Format,
+
     /// UDP ASSOCIATE: give clients IP in BND.ADDR
     ///
     /// By default the reply carries the local address of the client's
@@ -471,6 +505,13 @@ impl Config {
                 outbound.device.as_deref().unwrap_or("")
             )));
         }
+        let trusted_proxies = args
+            .trusted_proxy
+            .iter()
+            .map(|s| {
+                crate::rules::parse_net(s).map_err(|e| invalid(format!("--trusted-proxy: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         if args.max_connections_per_user.is_some() && users.is_none() {
             return Err(invalid(
                 "--max-connections-per-user: needs users (--user or --users)".to_string(),
@@ -517,6 +558,11 @@ impl Config {
             udp_frag_reassemble: args.udp_frag == UdpFrag::Reassemble,
             udp_frag_timeout: args.udp_frag_timeout,
             udp_idle_timeout: off_if_zero(args.udp_idle_timeout),
+            proxy_protocol: args.proxy_protocol,
+            trusted_proxies,
+            metrics: args.metrics,
+            access_log: args.access_log,
+            access_log_format: args.access_log_format,
             rules: Arc::new(Rules::allow_all()),
             config_file: None,
             check_only: false,

@@ -119,6 +119,15 @@ pub struct Config {
     /// At least 5 s (RFC 1928 §7).
     pub udp_frag_timeout: Duration,
     pub udp_idle_timeout: Option<Duration>,
+    /// `--proxy-protocol`: a PROXY header precedes each client's greeting.
+    pub proxy_protocol: bool,
+    /// `--trusted-proxy`: who may send one (non-empty with `proxy_protocol`).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// `--metrics`: where to serve /metrics and /healthz.
+    pub metrics: Option<SocketAddr>,
+    /// `--access-log`: a path, or "-" for standard output.
+    pub access_log: Option<String>,
+    pub access_log_format: crate::access_log::Format,
     /// The access rules (`[[rule]]`, `[policy]` in the config file); allow-all without a file.
     pub rules: Arc<Rules>,
     /// `--config` (or `--check-config`): the file SIGHUP re-reads.

@@ -19,10 +19,13 @@ use tracing::{debug, info};
 use super::connect::Connect;
 use super::forward::Tunnel;
 use super::handshake::Handshake;
+use super::token::Dir;
 use super::token::{ConnId, Op, ARG_MAX};
 use super::udp::Association;
 use super::Ctx;
+use crate::access_log::Entry;
 use crate::limits::Lease;
+use crate::metrics::{Outcome, Path};
 use crate::uring::{Completion, Engine, Sock};
 
 pub(super) enum Stage {
@@ -50,6 +53,26 @@ pub(crate) struct Conn {
     closing: bool,
     /// The connection's place under the limits, given back when the connection is dropped.
     pub(super) lease: Lease,
+    /// When it was accepted.
+    pub(super) accepted: Instant,
+    /// How it ended, as far as known (the metrics' `outcome`).
+    pub(super) outcome: Outcome,
+    /// What the access log says about its request; None until a request was read.
+    pub(super) record: Option<Box<Record>>,
+}
+
+/// A request's access-log line in the making.
+pub(crate) struct Record {
+    pub command: &'static str,
+    pub user: Option<Box<[u8]>>,
+    /// The target as the client wrote it.
+    pub target: String,
+    pub connected: Option<SocketAddr>,
+    pub rep: u8,
+    /// Bytes delivered client -> target, and back.
+    pub up: u64,
+    pub down: u64,
+    pub reason: std::borrow::Cow<'static, str>,
 }
 
 impl Conn {
@@ -73,6 +96,30 @@ impl Conn {
             last_active: now,
             closing: false,
             lease,
+            accepted: now,
+            outcome: Outcome::HandshakeClosed,
+            record: None,
+        }
+    }
+
+    /// The reason the access log gives for the end, unless one is set already.
+    pub(super) fn end_reason(&mut self, reason: impl Into<std::borrow::Cow<'static, str>>) {
+        if let Some(r) = &mut self.record {
+            if r.reason.is_empty() {
+                r.reason = reason.into();
+            }
+        }
+    }
+
+    /// Counts bytes a send delivered, for the metrics and the access log.
+    fn delivered<E: Engine>(&mut self, cx: &Ctx<'_, E>, d: Dir, path: Path, n: i32) {
+        let n = n as u64;
+        cx.metrics.bytes(d == Dir::Up, path, n);
+        if let Some(r) = &mut self.record {
+            match d {
+                Dir::Up => r.up += n,
+                Dir::Down => r.down += n,
+            }
         }
     }
 
@@ -127,6 +174,13 @@ impl Conn {
 
     // ---- entry points (the server and the tests call these) ------------------------------
 
+    /// `--proxy-protocol`: a PROXY header comes before the greeting.
+    pub(crate) fn expect_proxy_header(&mut self) {
+        if let Stage::Handshake(hs) = &mut self.stage {
+            hs.proxy_header = true;
+        }
+    }
+
     /// The connection was accepted: wait for the greeting, within the handshake timeout.
     pub(crate) fn start<E: Engine>(&mut self, cx: &mut Ctx<'_, E>) {
         self.last_active = cx.now;
@@ -137,6 +191,14 @@ impl Conn {
     pub(crate) fn on_completion<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, op: Op, c: Completion) {
         if !c.more {
             self.inflight -= 1;
+        }
+        if c.res > 0 {
+            match op {
+                Op::Send(d) => self.delivered(cx, d, Path::Copy, c.res),
+                Op::SpliceOut(d) => self.delivered(cx, d, Path::Splice, c.res),
+                Op::EarlySend => self.delivered(cx, Dir::Up, Path::Copy, c.res),
+                _ => {}
+            }
         }
         if let Op::Shutdown(_) = op {
             self.shutdowns -= 1;
@@ -177,6 +239,7 @@ impl Conn {
         match &mut self.stage {
             Stage::Handshake(_) => {
                 info!(client = %self.peer_str(), reason = "handshake timeout", "handshake failed");
+                self.outcome = Outcome::HandshakeTimeout;
                 self.close(cx);
             }
             Stage::Connect(_) => self.on_connect_timeout(cx),
@@ -187,6 +250,8 @@ impl Conn {
                 let quiet = cx.now.saturating_duration_since(self.last_active);
                 if quiet >= idle {
                     debug!(client = %self.peer_str(), "idle timeout");
+                    self.outcome = Outcome::IdleTimeout;
+                    self.end_reason("idle timeout");
                     self.close(cx);
                 } else {
                     self.arm_timer(cx, idle - quiet);
@@ -213,6 +278,7 @@ impl Conn {
                     cx.io.cancel_all(&self.client);
                 }
                 a.close(cx, waiting);
+                self.end_udp_accounting(cx);
                 self.log_udp_end();
             }
             Stage::Connect(c) => {
@@ -231,9 +297,39 @@ impl Conn {
         }
     }
 
-    /// Gives back the sockets and pipes, after the last op completed.
+    /// Closing at the end of the drain timeout (shutdown).
+    pub(crate) fn shut_down<E: Engine>(&mut self, cx: &mut Ctx<'_, E>) {
+        if !self.closing {
+            self.outcome = Outcome::Shutdown;
+            self.end_reason("relay shutting down");
+        }
+        self.close(cx);
+    }
+
+    /// Gives back the sockets and pipes, after the last op completed; counts how the
+    /// connection ended and writes its access-log line.
     pub(crate) fn release<E: Engine>(self, cx: &mut Ctx<'_, E>) {
         debug_assert!(self.is_finished());
+        cx.metrics.closed(self.outcome);
+        if let (Some(log), Some(r)) = (cx.access, &self.record) {
+            log.log(&Entry {
+                end: std::time::SystemTime::now(),
+                client: self.peer,
+                user: r.user.as_deref(),
+                command: r.command,
+                target: r.target.clone(),
+                connected: r.connected,
+                rep: r.rep,
+                up: r.up,
+                down: r.down,
+                duration: cx.now.saturating_duration_since(self.accepted),
+                reason: if r.reason.is_empty() {
+                    "closed"
+                } else {
+                    &r.reason
+                },
+            });
+        }
         cx.io.close(self.client);
         match self.stage {
             Stage::Tunnel(t) => t.release(cx),
@@ -253,6 +349,10 @@ impl Conn {
             Stage::Tunnel(t) => t.dst().to_string(),
             _ => "?".to_string(),
         };
+        if self.outcome == Outcome::Relayed {
+            self.outcome = Outcome::IoError;
+        }
+        self.end_reason(std::io::Error::from_raw_os_error(-res).to_string());
         debug!(
             client = %self.peer_str(),
             target = %target,

@@ -15,6 +15,7 @@ use super::handshake::Requested;
 use super::token::Op;
 use super::Ctx;
 use crate::dns::{Addrs, ResolveError};
+use crate::metrics::Outcome;
 use crate::proto::{self, Addr, RelayError, Rep};
 use crate::rules::{Command, Request, Verdict};
 use crate::uring::{Completion, Data, Engine, Sock, Source};
@@ -45,6 +46,8 @@ pub(crate) struct Connect {
     timed_out: bool,
     /// The authenticated user, for the rules' check of each resolved address.
     user: Option<Box<[u8]>>,
+    /// When the current step (the lookup, or a connect) began: the metrics' histograms.
+    since: std::time::Instant,
 }
 
 impl Conn {
@@ -67,6 +70,7 @@ impl Conn {
             step: Step::Resolving,
             timed_out: false,
             user: r.user,
+            since: cx.now,
         }));
         match dst {
             Addr::Ip(a) => self.connect_to(cx, vec![a]),
@@ -94,10 +98,16 @@ impl Conn {
         }
         match &mut self.stage {
             Stage::Association(_) => self.on_udp_resolved(cx, id, res),
-            Stage::Connect(c) if c.step == Step::Resolving => match res {
-                Ok(addrs) if !addrs.is_empty() => self.connect_to(cx, addrs.to_vec()),
-                _ => self.fail_connect(cx, RelayError::ResolveFailed),
-            },
+            Stage::Connect(c) if c.step == Step::Resolving => {
+                // An answer in a later turn was a real lookup (a cache hit answers at once).
+                if cx.now > c.since {
+                    cx.metrics.dns.observe(cx.now - c.since);
+                }
+                match res {
+                    Ok(addrs) if !addrs.is_empty() => self.connect_to(cx, addrs.to_vec()),
+                    _ => self.fail_connect(cx, RelayError::ResolveFailed),
+                }
+            }
             _ => {}
         }
     }
@@ -152,6 +162,7 @@ impl Conn {
             match cx.io.connect(addr, from, owner) {
                 Ok((sock, _)) => {
                     c.target = Some(sock);
+                    c.since = cx.now;
                     self.submitted();
                     return;
                 }
@@ -169,6 +180,9 @@ impl Conn {
         let Some(sock) = st.target.take() else {
             return self.close(cx);
         };
+        cx.metrics
+            .connect
+            .observe(cx.now.saturating_duration_since(st.since));
         if c.res < 0 {
             cx.io.close(sock);
             if st.timed_out || c.res == -libc::ECANCELED {
@@ -177,6 +191,13 @@ impl Conn {
             st.last_err = Some(RelayError::Connect(-c.res));
             return self.connect_next(cx);
         }
+        let connected = st.addrs.get(st.next.wrapping_sub(1)).copied();
+        if let Some(r) = &mut self.record {
+            r.connected = connected;
+        }
+        let Stage::Connect(st) = &mut self.stage else {
+            return self.close(cx);
+        };
         let (sock, bnd) = cx.io.establish(sock);
         let Some(bnd) = bnd else {
             // Fail before the early data goes out: `reject` closes the target, and no op may
@@ -247,6 +268,7 @@ impl Conn {
             }
             return self.close(cx);
         }
+        self.outcome = Outcome::Relayed;
         match &mut self.stage {
             Stage::Association(_) => self.start_udp(cx),
             Stage::Connect(st) => {
@@ -295,6 +317,15 @@ impl Conn {
         dst: &Addr,
         err: RelayError,
     ) {
+        let rep = err.rep().0;
+        self.outcome = Outcome::Rep(rep);
+        if let RelayError::Denied(_) = err {
+            cx.metrics.rules_refused.inc();
+        }
+        if let Some(r) = &mut self.record {
+            r.rep = rep;
+        }
+        self.end_reason(err.to_string());
         info!(
             client = %self.peer_str(),
             target = %dst,

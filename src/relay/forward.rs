@@ -385,6 +385,7 @@ impl Tunnel {
                 // the copy path holds, then continue with splice, which holds no shared
                 // buffers while the destination is slow.
                 f.mode = CopyMode::ToSplice;
+                l.cx.metrics.copy_to_splice.inc();
                 true
             } else if stalled && f.mode == CopyMode::Running {
                 f.mode = CopyMode::Paused;
@@ -415,6 +416,7 @@ impl Tunnel {
                 Next::Go
             }
             r if r == -libc::ENOBUFS => {
+                l.cx.metrics.buffer_exhausted.inc();
                 // The ring ran dry in this turn; spare buffers refill it at the end of the turn.
                 let spares = l.cx.shard.copy_group.and_then(|g| l.cx.io.buf_pool(g));
                 let pool_empty = spares.is_none_or(|(_, available)| available == 0);
@@ -423,6 +425,7 @@ impl Tunnel {
                     // waiting could be forever, so this direction (in copy mode too) continues
                     // on splice, which needs no pool buffer.
                     f.mode = CopyMode::ToSplice;
+                    l.cx.metrics.copy_to_splice.inc();
                     self.maybe_switch_to_splice(l, d);
                 } else {
                     l.cx.shard.starved.push((l.id, d));

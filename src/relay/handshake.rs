@@ -5,10 +5,13 @@
 
 use tracing::{info, warn};
 
-use super::conn::{Conn, Stage};
+use super::conn::{Conn, Record, Stage};
 use super::token::Op;
 use super::Ctx;
-use crate::proto::{self, Command, RelayError, ServerHandshake, Step};
+use crate::metrics::Outcome;
+use std::net::SocketAddr;
+
+use crate::proto::{self, proxy, Command, RelayError, ServerHandshake, Step};
 use crate::uring::{Completion, Data, Engine};
 
 /// A handshake never needs more than greeting (257) + auth (513) + request (262) bytes.
@@ -16,6 +19,8 @@ const MAX_HANDSHAKE: usize = 2048;
 
 #[derive(Default)]
 pub(crate) struct Handshake {
+    /// `--proxy-protocol`: a PROXY header must come first.
+    pub(super) proxy_header: bool,
     machine: ServerHandshake,
     /// Bytes already fed but not consumed, kept while a reply is being sent.
     unread: Vec<u8>,
@@ -48,6 +53,13 @@ impl Conn {
             }
             return self.close(cx);
         }
+        if matches!(&self.stage, Stage::Handshake(hs) if hs.proxy_header) {
+            match self.on_proxy_header(cx, &mut buf) {
+                Some(()) if !buf.is_empty() => {}
+                Some(()) => return self.recv_client(cx, buf, Op::HandshakeRecv),
+                None => return,
+            }
+        }
         let Stage::Handshake(hs) = &mut self.stage else {
             return self.close(cx);
         };
@@ -59,6 +71,7 @@ impl Conn {
                 buf.drain(..consumed);
                 if buf.len() >= MAX_HANDSHAKE {
                     info!(client = %self.peer_str(), reason = "handshake too long", "handshake failed");
+                    self.outcome = Outcome::HandshakeError;
                     return self.close(cx);
                 }
                 if out.is_empty() {
@@ -70,6 +83,24 @@ impl Conn {
             }
             Step::Request(req) => {
                 let user = hs.machine.user().map(Box::<[u8]>::from);
+                cx.metrics
+                    .handshake
+                    .observe(cx.now.saturating_duration_since(self.accepted));
+                self.record = Some(Box::new(Record {
+                    command: match req.cmd {
+                        Command::CONNECT => "connect",
+                        Command::UDP_ASSOCIATE => "udp",
+                        Command::BIND => "bind",
+                        _ => "other",
+                    },
+                    user: user.clone(),
+                    target: req.dst.to_string(),
+                    connected: None,
+                    rep: 0,
+                    up: 0,
+                    down: 0,
+                    reason: "".into(),
+                }));
                 let next = Requested {
                     req,
                     reply_prefix: out,
@@ -112,9 +143,52 @@ impl Conn {
             }
             Step::Reject(err) => {
                 info!(client = %self.peer_str(), reason = %err, "handshake failed");
+                self.outcome = match err {
+                    RelayError::Protocol(proto::ProtoError::AuthFailed) => Outcome::AuthFailed,
+                    _ => Outcome::HandshakeError,
+                };
                 self.reject(cx, out);
             }
         }
+    }
+
+    /// The PROXY protocol header in front of the greeting (`--proxy-protocol`): its source
+    /// becomes the client's address. Some(()) once it is consumed from `buf` (the greeting may
+    /// follow in the same bytes); None when the connection is done with (reading more, or
+    /// closed for a bad header or a limit).
+    fn on_proxy_header<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, buf: &mut Vec<u8>) -> Option<()> {
+        let fail = |conn: &mut Conn, cx: &mut Ctx<'_, E>, reason: String| {
+            info!(client = %conn.peer_str(), reason = %reason, "handshake failed");
+            conn.outcome = Outcome::ProxyHeader;
+            conn.close(cx);
+            None
+        };
+        let (addrs, consumed) = match proxy::decode(buf) {
+            Ok(proxy::Parsed::Done { addrs, consumed }) => (addrs, consumed),
+            Ok(proxy::Parsed::NeedMore) if buf.len() < proxy::MAX_HEADER => {
+                let rest = std::mem::take(buf);
+                self.recv_client(cx, rest, Op::HandshakeRecv);
+                return None;
+            }
+            Ok(proxy::Parsed::NeedMore) => return fail(self, cx, "PROXY header too long".into()),
+            Err(e) => return fail(self, cx, format!("PROXY protocol: {e}")),
+        };
+        buf.drain(..consumed);
+        if let Stage::Handshake(hs) = &mut self.stage {
+            hs.proxy_header = false;
+        }
+        if let proxy::ProxyAddrs::Tcp { src, .. } = addrs {
+            let proxy = self.peer_str();
+            self.peer = Some(SocketAddr::new(src.ip().to_canonical(), src.port()));
+            tracing::debug!(client = %self.peer_str(), proxy = %proxy, "PROXY header");
+            if let Err(over) = cx.limits.admit_ip(&mut self.lease, src.ip().to_canonical()) {
+                info!(client = %self.peer_str(), limit = over.flag(), "connection refused");
+                self.outcome = Outcome::Limit;
+                self.close(cx);
+                return None;
+            }
+        }
+        Some(())
     }
 
     pub(super) fn on_handshake_send<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, c: Completion) {

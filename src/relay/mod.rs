@@ -136,4 +136,8 @@ pub(crate) struct Ctx<'a, E: Engine> {
     pub dns: &'a mut dyn Resolve,
     pub shard: &'a mut ShardState,
     pub limits: &'a Limits,
+    /// The shard's metrics (it is their only writer).
+    pub metrics: &'a crate::metrics::ShardMetrics,
+    /// `--access-log`, when on.
+    pub access: Option<&'a crate::access_log::AccessLog>,
 }

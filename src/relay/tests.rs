@@ -125,6 +125,7 @@ struct H {
     shard: ShardState,
     dns: Dns,
     limits: Arc<Limits>,
+    metrics: crate::metrics::ShardMetrics,
     now: Instant,
     /// None once released.
     conn: Option<Conn>,
@@ -169,6 +170,7 @@ impl H {
             shard,
             dns: Dns::default(),
             limits,
+            metrics: Default::default(),
             now,
             conn: Some(conn),
             client,
@@ -193,6 +195,8 @@ impl H {
             dns: &mut self.dns,
             shard: &mut self.shard,
             limits: &self.limits,
+            metrics: &self.metrics,
+            access: None,
         };
         f(conn, &mut cx);
         if conn.is_finished() {

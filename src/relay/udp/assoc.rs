@@ -64,6 +64,27 @@ pub(crate) struct Stats {
     pub dropped_other: u64,
     /// Destination refused by an access rule or the policy.
     pub dropped_refused: u64,
+    /// Bytes sent to targets and to the client (the latter with their SOCKS headers).
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+}
+
+impl Stats {
+    /// Adds what changed since `last` to the shard's metrics, and remembers it.
+    pub(crate) fn publish(&self, last: &mut Stats, m: &crate::metrics::ShardMetrics) {
+        use crate::metrics::Drop_;
+        m.datagrams[0].add(self.relayed_out - last.relayed_out);
+        m.datagrams[1].add(self.relayed_in - last.relayed_in);
+        m.dropped(Drop_::Foreign, self.dropped_foreign - last.dropped_foreign);
+        m.dropped(Drop_::Refused, self.dropped_refused - last.dropped_refused);
+        m.dropped(
+            Drop_::Malformed,
+            self.dropped_malformed - last.dropped_malformed,
+        );
+        m.dropped(Drop_::Fragment, self.dropped_frag - last.dropped_frag);
+        m.dropped(Drop_::Other, self.dropped_other - last.dropped_other);
+        *last = self.clone();
+    }
 }
 
 /// A single datagram waiting for the end of the loop turn, when it leaves with the others to
@@ -305,6 +326,7 @@ impl Assoc {
                 }
             }
             _ if c.res == -libc::ENOBUFS => {
+                cx.metrics.buffer_exhausted.inc();
                 // Every buffer is out: the server re-arms this receive once some are back;
                 // datagrams wait in the socket buffer meanwhile.
                 cx.shard.udp_starved.push((self.id, side));
@@ -618,8 +640,10 @@ impl Assoc {
             self.stats.dropped_other += datagrams;
         } else if side == Side::Client {
             self.stats.relayed_in += datagrams;
+            self.stats.bytes_in += c.res as u64;
         } else {
             self.stats.relayed_out += datagrams;
+            self.stats.bytes_out += c.res as u64;
         }
     }
 

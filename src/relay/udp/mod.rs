@@ -25,6 +25,8 @@ use assoc::Assoc;
 
 pub(crate) struct Association {
     assoc: Assoc,
+    /// The counters as last added to the shard's metrics.
+    published: assoc::Stats,
     /// When the connection's timer is due for the association (None: not armed).
     timer_at: Option<Instant>,
     /// Why the association ended, for its log line.
@@ -88,8 +90,13 @@ impl Conn {
             r.user,
         );
         // Control-channel bytes after the request mean nothing: they are dropped.
+        if let Some(rec) = &mut self.record {
+            rec.connected = Some(bnd);
+        }
+        cx.metrics.assoc_opened.inc();
         self.stage = Stage::Association(Box::new(Association {
             assoc,
+            published: assoc::Stats::default(),
             timer_at: None,
             end_reason: "relay shutting down",
         }));
@@ -151,7 +158,9 @@ impl Conn {
         let Stage::Association(a) = stage else {
             return;
         };
-        match a.assoc.on_completion(cx, inflight, op, c) {
+        let r = a.assoc.on_completion(cx, inflight, op, c);
+        a.assoc.stats.publish(&mut a.published, cx.metrics);
+        match r {
             Ok(()) => self.arm_udp_timer(cx),
             Err(reason) => self.end_udp(cx, reason),
         }
@@ -216,6 +225,25 @@ impl Conn {
             a.end_reason = reason;
         }
         self.close(cx);
+    }
+
+    /// The association ended: its last counters to the metrics, its totals to the access log.
+    pub(super) fn end_udp_accounting<E: Engine>(&mut self, cx: &mut Ctx<'_, E>) {
+        let Stage::Association(a) = &mut self.stage else {
+            return;
+        };
+        a.assoc.stats.publish(&mut a.published, cx.metrics);
+        cx.metrics.assoc_closed.inc();
+        let (up, down, reason) = (
+            a.assoc.stats.bytes_out,
+            a.assoc.stats.bytes_in,
+            a.end_reason,
+        );
+        if let Some(r) = &mut self.record {
+            r.up = up;
+            r.down = down;
+        }
+        self.end_reason(reason);
     }
 
     /// The association's one log line, with its counters.
