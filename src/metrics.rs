@@ -479,10 +479,7 @@ impl Collector for Metrics {
         )?;
         let info = prometheus_client::metrics::info::Info::new([
             ("version", env!("CARGO_PKG_VERSION")),
-            (
-                "revision",
-                option_env!("RINGSOCKS_REVISION").unwrap_or("unknown"),
-            ),
+            ("revision", env!("RINGSOCKS_REVISION")),
         ]);
         info.encode(e.encode_descriptor(
             "ringsocks_build",
