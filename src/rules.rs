@@ -264,6 +264,9 @@ pub struct RuleSpec {
     pub commands: Vec<Command>,
     /// Where the rule is in the config file, for logs.
     pub line: usize,
+    /// An allow rule's upstream proxy (its index in the config's `[[upstream]]` list): the
+    /// requests it allows go through that proxy instead of directly.
+    pub via: Option<u16>,
 }
 
 impl RuleSpec {
@@ -277,6 +280,7 @@ impl RuleSpec {
             users: Vec::new(),
             commands: Vec::new(),
             line: 0,
+            via: None,
         }
     }
 }
@@ -308,12 +312,15 @@ pub struct Request<'a> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Allow,
+    /// Allowed, through upstream proxy number N (a rule's `via`). The private-target guard
+    /// does not apply: the relay does not connect to the target itself.
+    Via(u16),
     Deny(DeniedBy),
 }
 
 impl Verdict {
     pub fn is_allowed(self) -> bool {
-        self == Verdict::Allow
+        !matches!(self, Verdict::Deny(_))
     }
 }
 
@@ -392,6 +399,7 @@ fn is_below(name: &[u8], domain: &[u8]) -> bool {
 struct Rule {
     action: Action,
     line: usize,
+    via: Option<u16>,
     /// Bits of [`Command::bit`]; 0 when the field is absent.
     commands: u8,
     from: Box<[IpNet]>,
@@ -418,6 +426,7 @@ impl Rule {
         Rule {
             action: spec.action,
             line: spec.line,
+            via: spec.via,
             commands: spec.commands.iter().fold(0, |mask, c| mask | c.bit()),
             from: spec.from.into_iter().map(canonical_net).collect(),
             to_nets: to_nets.into(),
@@ -684,6 +693,9 @@ impl Rules {
             }
             // It matched, so the `to` it has matched this target: an explicit allow, which
             // holds even for a private target.
+            Some(i) if self.rules[i].via.is_some() => {
+                return Verdict::Via(self.rules[i].via.unwrap_or_default());
+            }
             Some(i) if self.rules[i].has_to() => return Verdict::Allow,
             Some(_) => {}
             None if self.default_action() == Action::Deny => {
@@ -819,6 +831,26 @@ mod tests {
 
     fn rules(specs: Vec<RuleSpec>) -> Rules {
         Rules::new(specs, Policy::default())
+    }
+
+    #[test]
+    fn an_allow_rule_with_via_routes_through_its_upstream() {
+        let r = Rules::new(
+            vec![
+                rule(Allow, 1, |s| {
+                    s.to = vec![dest("*.far.example")];
+                    s.via = Some(2);
+                }),
+                rule(Allow, 2, |s| s.to = vec![dest("0.0.0.0/0")]),
+            ],
+            Policy {
+                default: None,
+                deny_private_targets: true,
+            },
+        );
+        assert_eq!(r.check(&to_name("www.far.example")), Verdict::Via(2));
+        assert!(Verdict::Via(2).is_allowed());
+        assert_eq!(r.check(&to_ip("192.0.2.1")), Verdict::Allow);
     }
 
     fn guarded(specs: Vec<RuleSpec>, default: Option<Action>) -> Rules {
@@ -1556,6 +1588,7 @@ mod tests {
                 users,
                 commands,
                 line,
+                via: None,
             })
     }
 

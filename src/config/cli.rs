@@ -319,6 +319,15 @@ struct Args {
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     access_log_format: crate::access_log::Format,
 
+    /// BIND: give up when no peer has connected within DURATION (REP 0x06)
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_positive_duration)]
+    bind_timeout: Duration,
+
+    /// BIND: give clients IP in the first reply instead of the control
+    /// connection's local address (NAT, clouds)
+    #[arg(long, value_name = "IP", verbatim_doc_comment)]
+    bind_advertise: Option<IpAddr>,
+
     /// UDP ASSOCIATE: give clients IP in BND.ADDR
     ///
     /// By default the reply carries the local address of the client's
@@ -431,6 +440,7 @@ impl Config {
             e => e,
         })?;
         cfg.rules = Arc::new(Rules::new(file.rules, file.policy));
+        cfg.upstreams = file.upstreams.into();
         cfg.config_file = Some(path);
         cfg.check_only = check_only;
         Ok(cfg)
@@ -558,12 +568,15 @@ impl Config {
             udp_frag_reassemble: args.udp_frag == UdpFrag::Reassemble,
             udp_frag_timeout: args.udp_frag_timeout,
             udp_idle_timeout: off_if_zero(args.udp_idle_timeout),
+            bind_timeout: args.bind_timeout,
+            bind_advertise: args.bind_advertise,
             proxy_protocol: args.proxy_protocol,
             trusted_proxies,
             metrics: args.metrics,
             access_log: args.access_log,
             access_log_format: args.access_log_format,
             rules: Arc::new(Rules::allow_all()),
+            upstreams: Arc::from(Vec::new()),
             config_file: None,
             check_only: false,
         })
@@ -951,7 +964,7 @@ mod tests {
             ),
             (
                 "[[rule]]\naction = \"deny\"\nvia = \"up\"\n",
-                ":3: rule 1: via: unknown key",
+                ":3: rule 1: via: \"up\": no [[upstream]]",
             ),
             (
                 "[policy]\ndefault = \"block\"\n",
@@ -978,6 +991,43 @@ mod tests {
         assert!(matches!(r, Err(ConfigError::Clap(_))));
         let e = parse_err(&["--config", "/nonexistent/ringsocks.toml"]);
         assert!(e.contains("/nonexistent/ringsocks.toml"), "{e}");
+    }
+
+    #[test]
+    fn upstreams_and_via() {
+        let text = "[[rule]]\naction = \"allow\"\nto = [\"*.far.example\"]\nvia = \"hop2\"\n\n\
+                    [[upstream]]\nname = \"hop1\"\naddress = \"127.0.0.1:1081\"\n\n\
+                    [[upstream]]\nname = \"hop2\"\naddress = \"127.0.0.2:1082\"\n\
+                    user = \"u\"\npassword = \"p\"\nresolve = \"local\"\n";
+        let (c, _f) = with_file(text, &[]);
+        let c = c.unwrap();
+        assert_eq!(c.upstreams.len(), 2);
+        let u = &c.upstreams[1];
+        assert_eq!(
+            (u.name.as_str(), u.addr),
+            ("hop2", "127.0.0.2:1082".parse().unwrap())
+        );
+        assert_eq!(u.creds, Some((b"u".to_vec(), b"p".to_vec())));
+        assert!(u.resolve_local);
+        assert!(
+            !format!("{u:?}").contains("\"p\""),
+            "Debug hides the password"
+        );
+        let cases: &[(&str, &str)] = &[
+            ("[[rule]]\naction = \"allow\"\nvia = \"nowhere\"\n", ":3: rule 1: via: \"nowhere\": no [[upstream]]"),
+            ("[[upstream]]\nname = \"a\"\naddress = \"127.0.0.1\"\n", ":3: upstream 1: address:"),
+            ("[[upstream]]\naddress = \"127.0.0.1:1\"\n", ":1: upstream 1: needs a name"),
+            ("[[upstream]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\nuser = \"u\"\n", "user and password go together"),
+            ("[[upstream]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\nresolve = \"dns\"\n", ":4: upstream 1: resolve:"),
+            ("[[upstream]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\nport = 3\n", ":4: upstream 1: port: unknown key"),
+            ("[[upstream]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n[[upstream]]\nname = \"a\"\naddress = \"127.0.0.1:2\"\n", "defined more than once"),
+            ("[[upstream]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n[[rule]]\naction = \"deny\"\nvia = \"a\"\n", "via is for allow rules"),
+        ];
+        for (text, want) in cases {
+            let (r, _f) = with_file(text, &[]);
+            let err = r.map(|_| ()).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: got {err:?}, want {want:?}");
+        }
     }
 
     #[test]

@@ -45,6 +45,7 @@ pub(super) struct FileConfig {
     pub items: Vec<Item>,
     pub rules: Vec<RuleSpec>,
     pub policy: Policy,
+    pub upstreams: Vec<super::Upstream>,
 }
 
 /// Reads and parses `path`; errors read `PATH:LINE: KEY: what is wrong`.
@@ -83,11 +84,16 @@ pub(super) fn parse(text: &str, cmd: &clap::Command) -> Result<FileConfig, Strin
         format!("{line}: {what}")
     })?;
     let mut out = FileConfig::default();
+    // Upstreams first: rules name them.
+    if let Some((_, value)) = top.iter().find(|(k, _)| k.get_ref() == "upstream") {
+        out.upstreams = parse_upstreams(&at, value)?;
+    }
     for (key, value) in &top {
         let name = key.get_ref().as_str();
         let offset = key.span().start;
         match name {
-            "rule" => out.rules = parse_rules(&at, value)?,
+            "upstream" => {}
+            "rule" => out.rules = parse_rules(&at, value, &out.upstreams)?,
             "policy" => out.policy = parse_policy(&at, value)?,
             _ => out.items.push(flag_item(&at, cmd, name, offset, value)?),
         }
@@ -168,9 +174,13 @@ fn scalar(v: &Value) -> Option<OsString> {
     }
 }
 
-const RULE_FIELDS: &str = "action, from, to, ports, users, commands";
+const RULE_FIELDS: &str = "action, from, to, ports, users, commands, via";
 
-fn parse_rules(at: &At<'_>, value: &Spanned<Value>) -> Result<Vec<RuleSpec>, String> {
+fn parse_rules(
+    at: &At<'_>,
+    value: &Spanned<Value>,
+    upstreams: &[super::Upstream],
+) -> Result<Vec<RuleSpec>, String> {
     let Value::Array(_) = value.get_ref() else {
         return Err(at.err(value.span().start, "rule", "expected [[rule]] tables"));
     };
@@ -187,11 +197,16 @@ fn parse_rules(at: &At<'_>, value: &Spanned<Value>) -> Result<Vec<RuleSpec>, Str
     doc.rule
         .iter()
         .enumerate()
-        .map(|(i, r)| parse_rule(at, i + 1, r))
+        .map(|(i, r)| parse_rule(at, i + 1, r, upstreams))
         .collect()
 }
 
-fn parse_rule(at: &At<'_>, index: usize, rule: &Spanned<Table>) -> Result<RuleSpec, String> {
+fn parse_rule(
+    at: &At<'_>,
+    index: usize,
+    rule: &Spanned<Table>,
+    upstreams: &[super::Upstream],
+) -> Result<RuleSpec, String> {
     let line = at.line(rule.span().start);
     let mut spec = RuleSpec {
         action: Action::Deny,
@@ -201,6 +216,7 @@ fn parse_rule(at: &At<'_>, index: usize, rule: &Spanned<Table>) -> Result<RuleSp
         users: Vec::new(),
         commands: Vec::new(),
         line,
+        via: None,
     };
     let mut action = None;
     for (k, v) in rule.get_ref() {
@@ -227,6 +243,23 @@ fn parse_rule(at: &At<'_>, index: usize, rule: &Spanned<Table>) -> Result<RuleSp
                     .into_iter()
                     .map(|s| s.as_bytes().to_vec())
                     .collect();
+            }
+            "via" => {
+                let name = v
+                    .get_ref()
+                    .as_str()
+                    .ok_or_else(|| at.err(off, &key, "expected an [[upstream]] name"))?;
+                let i = upstreams
+                    .iter()
+                    .position(|u| u.name == name)
+                    .ok_or_else(|| {
+                        at.err(
+                            off,
+                            &key,
+                            format!("{name:?}: no [[upstream]] has this name"),
+                        )
+                    })?;
+                spec.via = Some(i as u16);
             }
             "commands" => {
                 for s in strings(at, &key, v)? {
@@ -259,6 +292,13 @@ fn parse_rule(at: &At<'_>, index: usize, rule: &Spanned<Table>) -> Result<RuleSp
                 "empty list (leave the key out to match anything)",
             ));
         }
+    }
+    if spec.via.is_some() && action == Some(Action::Deny) {
+        return Err(at.err(
+            rule.span().start,
+            &format!("rule {index}"),
+            "via is for allow rules",
+        ));
     }
     spec.action = action.ok_or_else(|| {
         at.err(
@@ -351,4 +391,100 @@ fn parse_policy(at: &At<'_>, value: &Spanned<Value>) -> Result<Policy, String> {
         }
     }
     Ok(policy)
+}
+
+const UPSTREAM_FIELDS: &str = "name, address, user, password, resolve";
+
+/// `[[upstream]]` tables: SOCKS5 servers rules may send requests through (`via`).
+fn parse_upstreams(at: &At<'_>, value: &Spanned<Value>) -> Result<Vec<super::Upstream>, String> {
+    use std::net::ToSocketAddrs;
+    let Value::Array(_) = value.get_ref() else {
+        return Err(at.err(
+            value.span().start,
+            "upstream",
+            "expected [[upstream]] tables",
+        ));
+    };
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        #[serde(default)]
+        upstream: Vec<Spanned<Table>>,
+    }
+    let doc: Doc = toml::from_str(at.text).map_err(|e| {
+        let line = e.span().map_or(1, |s| at.line(s.start));
+        format!("{line}: upstream: {}", e.message().trim())
+    })?;
+    let mut out: Vec<super::Upstream> = Vec::new();
+    for (i, t) in doc.upstream.iter().enumerate() {
+        let here = format!("upstream {}", i + 1);
+        let start = t.span().start;
+        let (mut name, mut address, mut user, mut password, mut local) =
+            (None, None, None, None, false);
+        for (k, v) in t.get_ref() {
+            let field = k.get_ref().as_str();
+            let key = format!("{here}: {field}");
+            let off = v.span().start;
+            let text = || {
+                v.get_ref()
+                    .as_str()
+                    .ok_or_else(|| at.err(off, &key, "expected a string"))
+            };
+            match field {
+                "name" => name = Some(text()?.to_string()),
+                "address" => {
+                    let a = text()?;
+                    let addr = a
+                        .to_socket_addrs()
+                        .map_err(|e| at.err(off, &key, format!("{a:?}: {e} (want HOST:PORT)")))?
+                        .next()
+                        .ok_or_else(|| at.err(off, &key, format!("{a:?}: no address")))?;
+                    address = Some(addr);
+                }
+                "user" => user = Some(text()?.as_bytes().to_vec()),
+                "password" => password = Some(text()?.as_bytes().to_vec()),
+                "resolve" => {
+                    local = match text()? {
+                        "local" => true,
+                        "remote" => false,
+                        other => {
+                            return Err(at.err(
+                                off,
+                                &key,
+                                format!("{other:?}: expected \"remote\" or \"local\""),
+                            ))
+                        }
+                    }
+                }
+                _ => {
+                    return Err(at.err(
+                        k.span().start,
+                        &key,
+                        format!("unknown key (an upstream has {UPSTREAM_FIELDS})"),
+                    ))
+                }
+            }
+        }
+        let name = name.ok_or_else(|| at.err(start, &here, "needs a name"))?;
+        if out.iter().any(|u| u.name == name) {
+            return Err(at.err(start, &here, format!("{name:?} is defined more than once")));
+        }
+        let addr = address.ok_or_else(|| at.err(start, &here, "needs an address"))?;
+        let creds = match (user, password) {
+            (Some(u), Some(p)) if (1..=255).contains(&u.len()) && (1..=255).contains(&p.len()) => {
+                Some((u, p))
+            }
+            (None, None) => None,
+            (Some(_), Some(_)) => {
+                return Err(at.err(start, &here, "user and password are 1 to 255 bytes"))
+            }
+            _ => return Err(at.err(start, &here, "user and password go together")),
+        };
+        out.push(super::Upstream {
+            name,
+            addr,
+            creds,
+            resolve_local: local,
+        });
+    }
+    Ok(out)
 }

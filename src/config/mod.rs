@@ -119,6 +119,10 @@ pub struct Config {
     /// At least 5 s (RFC 1928 §7).
     pub udp_frag_timeout: Duration,
     pub udp_idle_timeout: Option<Duration>,
+    /// BIND: how long to wait for the peer. Non-zero.
+    pub bind_timeout: Duration,
+    /// BIND: the IP of the first reply instead of the control connection's local IP.
+    pub bind_advertise: Option<IpAddr>,
     /// `--proxy-protocol`: a PROXY header precedes each client's greeting.
     pub proxy_protocol: bool,
     /// `--trusted-proxy`: who may send one (non-empty with `proxy_protocol`).
@@ -130,10 +134,39 @@ pub struct Config {
     pub access_log_format: crate::access_log::Format,
     /// The access rules (`[[rule]]`, `[policy]` in the config file); allow-all without a file.
     pub rules: Arc<Rules>,
+    /// `[[upstream]]` SOCKS5 servers that rules (`via`) send requests through.
+    pub upstreams: Arc<[Upstream]>,
     /// `--config` (or `--check-config`): the file SIGHUP re-reads.
     pub config_file: Option<PathBuf>,
     /// `--check-config`: validate, report and exit.
     pub check_only: bool,
+}
+
+/// An upstream SOCKS5 server (`[[upstream]]` in the config file).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub name: String,
+    /// Resolved when the file is read.
+    pub addr: SocketAddr,
+    /// RFC 1929 user and password for it.
+    pub creds: Option<(Vec<u8>, Vec<u8>)>,
+    /// `resolve = "local"`: names are resolved here and sent on as addresses (else the
+    /// upstream resolves them: remote DNS).
+    pub resolve_local: bool,
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("addr", &self.addr)
+            .field(
+                "user",
+                &self.creds.as_ref().map(|(u, _)| String::from_utf8_lossy(u)),
+            )
+            .field("resolve_local", &self.resolve_local)
+            .finish()
+    }
 }
 
 /// RFC 1928 §7: the reassembly timer "MUST be no less than 5 seconds".

@@ -76,6 +76,12 @@ pub enum RelayError {
     /// Name does not resolve, or resolves to no usable address.
     ResolveFailed,
     TtlExpired,
+    /// BIND: no acceptable peer connected within `--bind-timeout`.
+    BindTimeout,
+    /// An upstream proxy answered the request with this REP: passed back as is.
+    UpstreamRep(u8),
+    /// An upstream proxy's handshake failed (closed, garbage, credentials refused).
+    UpstreamFailed,
     General(&'static str),
 }
 
@@ -97,7 +103,9 @@ impl RelayError {
             },
             RelayError::ConnectTimeout => Rep::HOST_UNREACHABLE,
             RelayError::ResolveFailed => Rep::HOST_UNREACHABLE,
-            RelayError::TtlExpired => Rep::TTL_EXPIRED,
+            RelayError::TtlExpired | RelayError::BindTimeout => Rep::TTL_EXPIRED,
+            RelayError::UpstreamRep(r @ 1..=8) => Rep(*r),
+            RelayError::UpstreamRep(_) | RelayError::UpstreamFailed => Rep::GENERAL_FAILURE,
             RelayError::General(_) => Rep::GENERAL_FAILURE,
         }
     }
@@ -129,6 +137,9 @@ impl fmt::Display for RelayError {
             RelayError::ConnectTimeout => f.write_str("connect timed out"),
             RelayError::ResolveFailed => f.write_str("name did not resolve"),
             RelayError::TtlExpired => f.write_str("ttl expired"),
+            RelayError::BindTimeout => f.write_str("no peer connected within --bind-timeout"),
+            RelayError::UpstreamRep(r) => write!(f, "the upstream replied REP 0x{r:02x}"),
+            RelayError::UpstreamFailed => f.write_str("the upstream's handshake failed"),
             RelayError::General(msg) => f.write_str(msg),
         }
     }
@@ -181,6 +192,11 @@ mod tests {
             (RelayError::ConnectTimeout, 0x04),
             (RelayError::ResolveFailed, 0x04),
             (RelayError::TtlExpired, 0x06),
+            (RelayError::BindTimeout, 0x06),
+            (RelayError::UpstreamRep(0x05), 0x05),
+            (RelayError::UpstreamRep(0x02), 0x02),
+            (RelayError::UpstreamRep(0x42), 0x01),
+            (RelayError::UpstreamFailed, 0x01),
             (RelayError::General("boom"), 0x01),
         ];
         for (err, rep) in table {

@@ -3,9 +3,10 @@
 //!
 //! A connection moves through stages, each holding only what it needs:
 //! [`Stage::Handshake`] (bytes fed to the sans-IO handshake) -> [`Stage::Connect`] (resolve,
-//! connect, reply) -> [`Stage::Tunnel`] (two forwarding directions) or
-//! [`Stage::Association`] (a UDP association and its control connection); any of them may
-//! end in [`Stage::Rejecting`] (an error reply, then a short linger).
+//! connect, reply) or [`Stage::Bind`] (listen, two replies) -> [`Stage::Tunnel`] (two
+//! forwarding directions), or [`Stage::Association`] (a UDP association and its control
+//! connection); any of them may end in [`Stage::Rejecting`] (an error reply, then a short
+//! linger).
 //!
 //! Closing cancels what is still waiting; nothing is freed then. The server frees the
 //! connection with [`Conn::release`] once [`Conn::is_finished`] says no op is in flight, so
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info};
 
+use super::bind::Bind;
 use super::connect::Connect;
 use super::forward::Tunnel;
 use super::handshake::Handshake;
@@ -33,6 +35,8 @@ pub(super) enum Stage {
     Connect(Box<Connect>),
     Tunnel(Box<Tunnel>),
     Association(Box<Association>),
+    /// BIND: listening for the peer, then the second reply.
+    Bind(Box<Bind>),
     /// An error reply is on its way or out; the client gets a moment to read it.
     Rejecting,
 }
@@ -228,6 +232,10 @@ impl Conn {
             | Op::Recv(d)
             | Op::Send(d) => self.on_forward(cx, op, d, c),
             Op::ControlRecv | Op::UdpRecv(_) | Op::UdpSend(_) => self.on_udp(cx, op, c),
+            Op::BindAccept => self.on_bind_accept(cx, c),
+            Op::BindReply => self.on_bind_reply(cx, c),
+            Op::UpstreamSend => self.on_upstream_send(cx, c),
+            Op::UpstreamRecv => self.on_upstream_recv(cx, c),
             Op::Shutdown(_) | Op::Timer(_) | Op::Resolve(_) => {}
         }
     }
@@ -258,6 +266,7 @@ impl Conn {
                 }
             }
             Stage::Association(_) => self.on_udp_timer(cx),
+            Stage::Bind(_) => self.on_bind_timeout(cx),
             Stage::Rejecting => self.close(cx),
         }
     }
@@ -287,6 +296,12 @@ impl Conn {
                     if let Some(t) = &c.target {
                         cx.io.cancel_all(t);
                     }
+                }
+            }
+            Stage::Bind(_) => {
+                if waiting {
+                    cx.io.cancel_all(&self.client);
+                    self.cancel_bind(cx);
                 }
             }
             Stage::Handshake(_) | Stage::Rejecting => {
@@ -337,6 +352,14 @@ impl Conn {
             Stage::Connect(c) => {
                 if let Some(t) = c.target {
                     cx.io.close(t);
+                }
+            }
+            Stage::Bind(b) => {
+                if let Some(l) = b.listener {
+                    cx.io.close(l);
+                }
+                if let Some((p, _)) = b.peer {
+                    cx.io.close(p);
                 }
             }
             Stage::Handshake(_) | Stage::Rejecting => {}

@@ -14,8 +14,10 @@ use super::forward::Tunnel;
 use super::handshake::Requested;
 use super::token::Op;
 use super::Ctx;
+use crate::config::Upstream;
 use crate::dns::{Addrs, ResolveError};
 use crate::metrics::Outcome;
+use crate::proto::client::{ClientError, ClientHandshake, ClientStep};
 use crate::proto::{self, Addr, RelayError, Rep};
 use crate::rules::{Command, Request, Verdict};
 use crate::uring::{Completion, Data, Engine, Sock, Source};
@@ -27,10 +29,21 @@ pub(super) const REJECT_LINGER: Duration = Duration::from_secs(5);
 enum Step {
     Resolving,
     Connecting,
+    /// Connected to an upstream proxy: its SOCKS handshake is under way.
+    Upstream,
     /// The success reply (and early data) are being sent; `pending` sends are left.
     Replying {
         pending: u8,
     },
+}
+
+/// A request going through an upstream proxy (a rule's `via`).
+struct Via {
+    upstream: Box<Upstream>,
+    /// What to ask the upstream for: the client's target, or with `resolve = "local"` the
+    /// address its name resolved to here.
+    target: Option<Addr>,
+    handshake: Option<ClientHandshake>,
 }
 
 pub(crate) struct Connect {
@@ -48,6 +61,7 @@ pub(crate) struct Connect {
     user: Option<Box<[u8]>>,
     /// When the current step (the lookup, or a connect) began: the metrics' histograms.
     since: std::time::Instant,
+    via: Option<Via>,
 }
 
 impl Conn {
@@ -55,9 +69,17 @@ impl Conn {
     pub(super) fn connect<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, r: Requested) {
         let dst = r.req.dst;
         // The request as written: an address, or a name before it is resolved.
-        if let Verdict::Deny(by) = self.access(cx, Command::Connect, &dst, r.user.as_deref()) {
-            return self.fail(cx, r.reply_prefix, &dst, RelayError::Denied(by));
-        }
+        let via = match self.access(cx, Command::Connect, &dst, r.user.as_deref()) {
+            Verdict::Deny(by) => {
+                return self.fail(cx, r.reply_prefix, &dst, RelayError::Denied(by))
+            }
+            Verdict::Via(i) => cx.cfg.upstreams.get(usize::from(i)).map(|u| Via {
+                upstream: Box::new(u.clone()),
+                target: None,
+                handshake: None,
+            }),
+            Verdict::Allow => None,
+        };
         self.arm_timer(cx, cx.cfg.connect_timeout);
         self.stage = Stage::Connect(Box::new(Connect {
             dst: dst.clone(),
@@ -71,9 +93,16 @@ impl Conn {
             timed_out: false,
             user: r.user,
             since: cx.now,
+            via,
         }));
+        let resolve_here = match &self.stage {
+            Stage::Connect(c) => c.via.as_ref().is_none_or(|v| v.upstream.resolve_local),
+            _ => true,
+        };
         match dst {
             Addr::Ip(a) => self.connect_to(cx, vec![a]),
+            // Remote DNS: the name goes to the upstream unresolved.
+            Addr::Domain(..) if !resolve_here => self.connect_to(cx, Vec::new()),
             Addr::Domain(name, port) => {
                 let owner = self.owner(Op::Resolve(0));
                 if let Some(res) =
@@ -118,7 +147,9 @@ impl Conn {
         };
         // Every address a name resolved to is checked too: a rule (or deny_private_targets)
         // that refuses an address means it is never connected to, whatever the name said.
-        if let (Addr::Domain(name, _), false) = (&c.dst, cx.cfg.rules.is_open()) {
+        let remote_dns = c.via.as_ref().is_some_and(|v| !v.upstream.resolve_local);
+        if let (Addr::Domain(name, _), false, false) = (&c.dst, cx.cfg.rules.is_open(), remote_dns)
+        {
             let client = super::client_ip(self.peer);
             let mut refused = None;
             addrs.retain(|a| {
@@ -131,7 +162,7 @@ impl Conn {
                     port: a.port(),
                 };
                 match cx.cfg.rules.check(&req) {
-                    Verdict::Allow => true,
+                    Verdict::Allow | Verdict::Via(_) => true,
                     Verdict::Deny(by) => {
                         refused.get_or_insert(by);
                         false
@@ -141,6 +172,15 @@ impl Conn {
             if let (true, Some(by)) = (addrs.is_empty(), refused) {
                 return self.fail_connect(cx, RelayError::Denied(by));
             }
+        }
+        // Through an upstream: connect to it, and ask it for the target (the name as the
+        // client wrote it, or the first allowed address it resolved to here).
+        if let Some(v) = &mut c.via {
+            v.target = Some(match (&c.dst, addrs.first()) {
+                (Addr::Domain(..), Some(a)) if v.upstream.resolve_local => Addr::Ip(*a),
+                _ => c.dst.clone(),
+            });
+            addrs = vec![v.upstream.addr];
         }
         c.addrs = addrs;
         self.connect_next(cx);
@@ -174,6 +214,7 @@ impl Conn {
     }
 
     pub(super) fn on_connect<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, c: Completion) {
+        let client = self.peer_str();
         let Stage::Connect(st) = &mut self.stage else {
             return self.close(cx);
         };
@@ -184,6 +225,15 @@ impl Conn {
             .connect
             .observe(cx.now.saturating_duration_since(st.since));
         if c.res < 0 {
+            if let Some(v) = &st.via {
+                info!(
+                    client = %client,
+                    upstream = %v.upstream.name,
+                    address = %v.upstream.addr,
+                    error = %std::io::Error::from_raw_os_error(-c.res),
+                    "upstream unreachable"
+                );
+            }
             cx.io.close(sock);
             if st.timed_out || c.res == -libc::ECANCELED {
                 return self.fail_connect(cx, RelayError::ConnectTimeout);
@@ -199,6 +249,10 @@ impl Conn {
             return self.close(cx);
         };
         let (sock, bnd) = cx.io.establish(sock);
+        if st.via.is_some() {
+            st.target = Some(sock);
+            return self.start_upstream(cx);
+        }
         let Some(bnd) = bnd else {
             // Fail before the early data goes out: `reject` closes the target, and no op may
             // be in flight on it then.
@@ -232,8 +286,144 @@ impl Conn {
                     cx.io.cancel_all(t);
                 }
             }
+            Step::Upstream => {
+                // The op on the upstream completes with -ECANCELED and fails there.
+                c.timed_out = true;
+                if let Some(t) = &c.target {
+                    cx.io.cancel_all(t);
+                }
+            }
             Step::Replying { .. } => self.close(cx),
         }
+    }
+
+    /// Connected to the upstream: send our side of its handshake.
+    fn start_upstream<E: Engine>(&mut self, cx: &mut Ctx<'_, E>) {
+        let owner = self.owner(Op::UpstreamSend);
+        let Stage::Connect(c) = &mut self.stage else {
+            return;
+        };
+        let (Some(v), Some(t)) = (&mut c.via, &c.target) else {
+            return;
+        };
+        let target = v.target.clone().unwrap_or_else(|| c.dst.clone());
+        let mut hs =
+            ClientHandshake::new(target, proto::Command::CONNECT, v.upstream.creds.clone());
+        let mut out = Vec::new();
+        hs.start(&mut out);
+        v.handshake = Some(hs);
+        c.step = Step::Upstream;
+        cx.io.send(t, out, 0, owner);
+        self.inflight += 1;
+    }
+
+    pub(super) fn on_upstream_send<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, c: Completion) {
+        let (send, recv) = (self.owner(Op::UpstreamSend), self.owner(Op::UpstreamRecv));
+        let Stage::Connect(st) = &mut self.stage else {
+            return self.close(cx);
+        };
+        let (Data::Buf { buf, off }, Some(t)) = (c.data, &st.target) else {
+            return self.close(cx);
+        };
+        if c.res <= 0 {
+            return self.upstream_failed(cx, c.res, "send failed".into());
+        }
+        let off = off + c.res as usize;
+        if off < buf.len() {
+            cx.io.send(t, buf, off, send);
+        } else {
+            cx.io.recv(t, Vec::with_capacity(512), recv);
+        }
+        self.inflight += 1;
+    }
+
+    pub(super) fn on_upstream_recv<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, c: Completion) {
+        let (send, recv) = (self.owner(Op::UpstreamSend), self.owner(Op::UpstreamRecv));
+        let client = self.peer_str();
+        let Stage::Connect(st) = &mut self.stage else {
+            return self.close(cx);
+        };
+        let Data::Buf { buf, off } = c.data else {
+            return self.close(cx);
+        };
+        if c.res <= 0 {
+            let why = if c.res == 0 {
+                "closed the connection".to_string()
+            } else {
+                String::new()
+            };
+            return self.upstream_failed(cx, c.res, why);
+        }
+        let (Some(v), Some(t)) = (&mut st.via, &st.target) else {
+            return self.close(cx);
+        };
+        let Some(hs) = &mut v.handshake else {
+            return self.close(cx);
+        };
+        let mut out = Vec::new();
+        match hs.advance(&buf[off..], &mut out) {
+            Ok(ClientStep::NeedMore) if out.is_empty() => {
+                cx.io.recv(t, Vec::with_capacity(512), recv);
+                self.inflight += 1;
+            }
+            Ok(ClientStep::NeedMore) => {
+                cx.io.send(t, out, 0, send);
+                self.inflight += 1;
+            }
+            Ok(ClientStep::Done { reply, consumed }) => {
+                // The upstream's BND goes to the client as is, then whatever the target sent
+                // after it; from here on it is a tunnel like any other.
+                let extra = buf[off + consumed..].to_vec();
+                let prefix = std::mem::take(&mut st.reply_prefix);
+                let early = std::mem::take(&mut st.early);
+                st.step = Step::Replying {
+                    pending: 1 + u8::from(!early.is_empty()),
+                };
+                if !early.is_empty() {
+                    cx.io.send(t, early, 0, self.id.owner(Op::EarlySend));
+                    self.inflight += 1;
+                }
+                self.disarm_timer();
+                let mut out = prefix;
+                proto::codec::encode_reply(Rep::SUCCEEDED, &reply.bnd, &mut out);
+                out.extend_from_slice(&extra);
+                self.send_client(cx, out, 0, Op::ReplySend);
+            }
+            Err(ClientError::Rep(rep)) => {
+                info!(
+                    client = %client,
+                    upstream = %v.upstream.name,
+                    rep = rep.0,
+                    "the upstream refused the request"
+                );
+                self.fail_connect(cx, RelayError::UpstreamRep(rep.0));
+            }
+            Err(e) => self.upstream_failed(cx, 1, e.to_string()),
+        }
+    }
+
+    /// The upstream's handshake failed: log it, naming the upstream, and answer the client.
+    fn upstream_failed<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, res: i32, why: String) {
+        let Stage::Connect(st) = &self.stage else {
+            return self.close(cx);
+        };
+        if st.timed_out || res == -libc::ECANCELED {
+            return self.fail_connect(cx, RelayError::ConnectTimeout);
+        }
+        let why = if res < 0 {
+            std::io::Error::from_raw_os_error(-res).to_string()
+        } else {
+            why
+        };
+        if let Some(v) = &st.via {
+            info!(
+                client = %self.peer_str(),
+                upstream = %v.upstream.name,
+                reason = %why,
+                "upstream handshake failed"
+            );
+        }
+        self.fail_connect(cx, RelayError::UpstreamFailed);
     }
 
     /// Sends the success reply with `bnd`, after `prefix` (handshake output still owed).
@@ -271,6 +461,7 @@ impl Conn {
         self.outcome = Outcome::Relayed;
         match &mut self.stage {
             Stage::Association(_) => self.start_udp(cx),
+            Stage::Bind(_) => self.start_bound_tunnel(cx),
             Stage::Connect(st) => {
                 let Step::Replying { pending } = &mut st.step else {
                     return self.close(cx);
@@ -341,10 +532,22 @@ impl Conn {
     pub(super) fn reject<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, out: Vec<u8>) {
         // No op is in flight on a target here (its connect has completed, or none started).
         let before = std::mem::replace(&mut self.stage, Stage::Rejecting);
-        if let Stage::Connect(c) = before {
-            if let Some(t) = c.target {
-                cx.io.close(t);
+        match before {
+            Stage::Connect(c) => {
+                if let Some(t) = c.target {
+                    cx.io.close(t);
+                }
             }
+            // No op is in flight on a BIND's sockets here either (its accept completed).
+            Stage::Bind(b) => {
+                if let Some(l) = b.listener {
+                    cx.io.close(l);
+                }
+                if let Some((p, _)) = b.peer {
+                    cx.io.close(p);
+                }
+            }
+            _ => {}
         }
         if out.is_empty() {
             return self.close(cx);

@@ -131,6 +131,8 @@ impl Conn {
                     self.associate(cx, next);
                 } else if next.req.cmd == Command::CONNECT {
                     self.connect(cx, next);
+                } else if next.req.cmd == Command::BIND {
+                    self.bind(cx, next);
                 } else {
                     let cmd = next.req.cmd.0;
                     self.fail(

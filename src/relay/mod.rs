@@ -7,10 +7,12 @@
 //! - [`handshake`]: greeting, authentication and request, fed to the sans-IO
 //!   [`crate::proto::ServerHandshake`];
 //! - [`connect`]: resolving, connecting to each address in turn, the reply, error replies;
+//! - [`bind`]: BIND: a listener, the first reply, one accepted peer, the second reply;
 //! - [`forward`]: a tunnel's two directions, on the splice path or the copy path;
 //! - [`udp`]: UDP ASSOCIATE: the control connection and the association's datagram paths;
 //! - [`token`]: owner tokens (connection id + op) packed into the engine's words.
 
+mod bind;
 pub(crate) mod conn;
 mod connect;
 mod forward;

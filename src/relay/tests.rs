@@ -562,8 +562,8 @@ fn greeting_without_an_acceptable_method_gets_ff() {
 fn unsupported_command_gets_rep_07_then_fin_and_drain_until_eof() {
     let mut h = H::new(&[]);
     let c = h.client;
-    let bind = request(Command::BIND, Addr::Ip(sa(TARGET)));
-    h.feed(&[&GREETING[..], &bind].concat());
+    let unknown = request(Command(0x04), Addr::Ip(sa(TARGET)));
+    h.feed(&[&GREETING[..], &unknown].concat());
     let (send, bytes) = h.sent(c).expect("error reply");
     assert_eq!(bytes, [vec![5, 0], error_reply(0x07)].concat());
     assert!(h.shutdown_of(c).is_none(), "no FIN before the reply is out");
@@ -1644,5 +1644,95 @@ fn an_association_no_datagram_could_use_is_refused() {
     let req = request(Command::UDP_ASSOCIATE, Addr::Ip(sa("0.0.0.0:6000")));
     h.feed(&[&GREETING[..], &req].concat());
     assert!(h.fake.udp_sockets.is_empty(), "no sockets opened");
+    h.finish_reject(&[vec![5, 0], error_reply(0x02)].concat());
+}
+
+// ---- BIND --------------------------------------------------------------------------------
+
+/// A BIND for `dst`: returns the listener's fake id and the first reply's bytes.
+fn bind_request(h: &mut H, dst: &str) -> (u32, Vec<u8>) {
+    let c = h.client;
+    h.feed(&[&GREETING[..], &request(Command::BIND, Addr::Ip(sa(dst)))].concat());
+    let (listener, laddr) = h.fake.listeners[0];
+    assert_eq!(
+        laddr.ip(),
+        sa(LOCAL).ip(),
+        "listens on the control connection's IP"
+    );
+    let first = h.take_sent(c);
+    assert_eq!(first, [vec![5, 0], reply(Rep::SUCCEEDED, laddr)].concat());
+    (listener, first)
+}
+
+fn accept_op(h: &H, listener: u32) -> OpId {
+    h.op(|k| *k == Kind::Accept { sock: listener })
+}
+
+#[test]
+fn bind_replies_twice_then_relays_with_the_peer() {
+    let mut h = H::new(&[]);
+    let c = h.client;
+    let (listener, _) = bind_request(&mut h, "192.0.2.20:0");
+    h.fake.accepted_peers.push_back(sa("192.0.2.20:20"));
+    let accept = accept_op(&h, listener);
+    h.complete(accept, 7);
+    assert_eq!(
+        h.take_sent(c),
+        reply(Rep::SUCCEEDED, sa("192.0.2.20:20")),
+        "the second reply names the peer"
+    );
+    assert!(h.fake.closed.contains(&listener), "one peer per BIND");
+    let peer = h.fake.adopted[0];
+    assert!(
+        h.recv_multi(c).is_some() && h.recv_multi(peer).is_some(),
+        "relaying"
+    );
+}
+
+#[test]
+fn bind_refuses_a_peer_dst_does_not_name_and_keeps_listening() {
+    let mut h = H::new(&[]);
+    let c = h.client;
+    let (listener, _) = bind_request(&mut h, "192.0.2.20:0");
+    h.fake.accepted_peers.push_back(sa("198.51.100.9:20"));
+    let accept = accept_op(&h, listener);
+    h.complete(accept, 7);
+    let stranger = h.fake.adopted[0];
+    assert!(h.fake.closed.contains(&stranger), "the stranger is closed");
+    assert!(h.sent(c).is_none(), "no second reply for it");
+    // The right peer comes next.
+    h.fake.accepted_peers.push_back(sa("192.0.2.20:21"));
+    let accept = accept_op(&h, listener);
+    h.complete(accept, 8);
+    assert_eq!(h.take_sent(c), reply(Rep::SUCCEEDED, sa("192.0.2.20:21")));
+}
+
+#[test]
+fn bind_timeout_answers_rep_06() {
+    let mut h = H::new(&["--bind-timeout", "3s"]);
+    let (listener, _) = bind_request(&mut h, "0.0.0.0:0");
+    let accept = accept_op(&h, listener);
+    h.advance(Duration::from_secs(3));
+    assert!(h.cancelled(accept), "the accept is cancelled");
+    h.complete_cancelled();
+    assert!(h.fake.closed.contains(&listener));
+    h.finish_reject(&error_reply(0x06));
+}
+
+#[test]
+fn bind_is_refused_by_a_rule_for_the_bind_command() {
+    let deny = RuleSpec {
+        commands: vec![rules::Command::Bind],
+        ..RuleSpec::new(Action::Deny)
+    };
+    let mut h = with_rules(&[deny], Policy::default());
+    h.feed(
+        &[
+            &GREETING[..],
+            &request(Command::BIND, Addr::Ip(sa("0.0.0.0:0"))),
+        ]
+        .concat(),
+    );
+    assert!(h.fake.listeners.is_empty(), "nothing opened");
     h.finish_reject(&[vec![5, 0], error_reply(0x02)].concat());
 }

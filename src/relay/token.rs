@@ -98,6 +98,13 @@ pub(crate) enum Op {
     Timer(u16),
     /// A name lookup, with its id.
     Resolve(u16),
+    /// BIND: the accept on its listener.
+    BindAccept,
+    /// BIND: the first reply (the listener's address).
+    BindReply,
+    /// The client handshake with an upstream proxy, sent and received on the target socket.
+    UpstreamSend,
+    UpstreamRecv,
 }
 
 impl Op {
@@ -124,6 +131,10 @@ impl Op {
             Op::UdpSend(x) => (16, s(x)),
             Op::Timer(n) => (17, n),
             Op::Resolve(n) => (18, n),
+            Op::BindAccept => (19, 0),
+            Op::BindReply => (20, 0),
+            Op::UpstreamSend => (21, 0),
+            Op::UpstreamRecv => (22, 0),
         }
     }
 
@@ -150,6 +161,10 @@ impl Op {
             16 => Op::UdpSend(s),
             17 => Op::Timer(arg),
             18 => Op::Resolve(arg),
+            19 => Op::BindAccept,
+            20 => Op::BindReply,
+            21 => Op::UpstreamSend,
+            22 => Op::UpstreamRecv,
             _ => return None,
         })
     }

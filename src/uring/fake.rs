@@ -68,6 +68,9 @@ pub(crate) enum Kind {
         sock: u32,
         addr: SocketAddr,
     },
+    Accept {
+        sock: u32,
+    },
 }
 
 /// One side of a recorded splice.
@@ -130,6 +133,12 @@ pub(crate) struct Fake {
     /// The local address `establish` reports for a connected socket (None: getsockname
     /// failed).
     pub established_addr: Option<SocketAddr>,
+    /// Listening sockets opened for BIND and their addresses, by creation order.
+    pub listeners: Vec<(u32, SocketAddr)>,
+    /// Peer addresses `adopt` reports for accepted sockets, in order (None once empty).
+    pub accepted_peers: std::collections::VecDeque<SocketAddr>,
+    /// Sockets `adopt` made, in order.
+    pub adopted: Vec<u32>,
 }
 
 impl Fake {
@@ -149,6 +158,9 @@ impl Fake {
             udp_sockets: Vec::new(),
             refuse_udp: Vec::new(),
             established_addr: Some(SocketAddr::from(([127, 0, 0, 1], 40000))),
+            listeners: Vec::new(),
+            accepted_peers: Default::default(),
+            adopted: Vec::new(),
         }
     }
 
@@ -209,6 +221,12 @@ impl Fake {
     pub(crate) fn complete(&mut self, id: OpId, res: i32, received: &[u8]) -> Completion {
         let op = self.ops.remove(&id.0).expect("op in flight");
         let data = match op.held {
+            // An accept's result is a descriptor: hand over a real one (of /dev/null).
+            Held::None if matches!(op.kind, Kind::Accept { .. }) && res >= 0 => Data::Accepted(
+                std::fs::File::open("/dev/null")
+                    .expect("open /dev/null")
+                    .into(),
+            ),
             Held::None => Data::None,
             Held::Buf { mut buf, off } => {
                 if matches!(op.kind, Kind::Recv { .. }) {
@@ -453,7 +471,8 @@ impl Engine for Fake {
                 | Kind::SendTo { sock, .. }
                 | Kind::Poll { sock, .. }
                 | Kind::Shutdown { sock }
-                | Kind::Connect { sock, .. } => *sock == id,
+                | Kind::Connect { sock, .. }
+                | Kind::Accept { sock } => *sock == id,
                 Kind::Splice { from, to, .. } => *from == End::Sock(id) || *to == End::Sock(id),
             };
             o.cancelled |= on;
@@ -494,6 +513,27 @@ impl Engine for Fake {
         let local = SocketAddr::new(bind.ip(), 50000 + sock_id(&sock) as u16);
         self.udp_sockets.push((sock_id(&sock), local));
         Ok((sock, local))
+    }
+
+    fn tcp_listener(&mut self, bind: SocketAddr) -> io::Result<(Sock, SocketAddr)> {
+        let sock = self.socket();
+        let local = SocketAddr::new(bind.ip(), 30000 + sock_id(&sock) as u16);
+        self.listeners.push((sock_id(&sock), local));
+        Ok((sock, local))
+    }
+
+    fn accept(&mut self, listener: &Sock, owner: Owner) -> OpId {
+        let kind = Kind::Accept {
+            sock: sock_id(listener),
+        };
+        self.record(owner, kind, Held::None, None)
+    }
+
+    fn adopt(&mut self, fd: std::os::fd::OwnedFd) -> (Sock, Option<SocketAddr>) {
+        drop(fd);
+        let sock = self.socket();
+        self.adopted.push(sock_id(&sock));
+        (sock, self.accepted_peers.pop_front())
     }
 
     fn close(&mut self, sock: Sock) {

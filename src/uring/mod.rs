@@ -187,6 +187,15 @@ pub(crate) trait Engine {
         bind: SocketAddr,
         device: Option<&str>,
     ) -> io::Result<(Sock, SocketAddr)>;
+    /// A TCP socket listening on `bind` for one BIND request (a small backlog); returns it and
+    /// its address.
+    fn tcp_listener(&mut self, bind: SocketAddr) -> io::Result<(Sock, SocketAddr)>;
+    /// One-shot accept on a listening socket: the completion's `res` is the new descriptor,
+    /// handed over as [`Data::Accepted`] (non-blocking, close-on-exec).
+    fn accept(&mut self, listener: &Sock, owner: Owner) -> OpId;
+    /// An accepted socket moves to its long-lived form (the fixed-file table); returns it and
+    /// its peer's address.
+    fn adopt(&mut self, fd: std::os::fd::OwnedFd) -> (Sock, Option<SocketAddr>);
     /// Closes a socket. Only when no op on it is in flight.
     fn close(&mut self, sock: Sock);
     /// Lends a pipe for splicing.

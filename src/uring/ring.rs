@@ -844,6 +844,40 @@ impl Engine for Ring {
         (sock, local)
     }
 
+    fn tcp_listener(&mut self, bind: SocketAddr) -> io::Result<(Sock, SocketAddr)> {
+        let s = Socket::new(Domain::for_address(bind), Type::STREAM.nonblocking(), None)?;
+        let _ = s.set_tcp_nodelay(true);
+        s.bind(&bind.into())?;
+        s.listen(8)?;
+        let local = s
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("listener has no IP address"))?;
+        Ok((
+            self.files.install(&self.ring.submitter(), OwnedFd::from(s)),
+            local,
+        ))
+    }
+
+    fn accept(&mut self, listener: &Sock, owner: Owner) -> OpId {
+        let sqe = on_target!(listener.target(), f => opcode::Accept::new(f, std::ptr::null_mut(), std::ptr::null_mut())
+            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            .build());
+        let op = self.push_plain(sqe, Waiter::Owner(owner));
+        self.slots[slot_index(op.0)].accepts = true;
+        op
+    }
+
+    fn adopt(&mut self, fd: OwnedFd) -> (Sock, Option<SocketAddr>) {
+        let s = Socket::from(fd);
+        let peer = s.peer_addr().ok().and_then(|a| a.as_socket());
+        let _ = s.set_tcp_nodelay(true);
+        (
+            self.files.install(&self.ring.submitter(), OwnedFd::from(s)),
+            peer,
+        )
+    }
+
     fn udp_socket(
         &mut self,
         bind: SocketAddr,

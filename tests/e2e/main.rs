@@ -6,6 +6,8 @@
 
 mod common;
 
+mod bind;
+mod chain;
 mod curl;
 mod dns;
 mod floods;

@@ -53,16 +53,6 @@ fn rep_07_for_unknown_command_0x09() {
     assert_eq!(echo.accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
 
-// BIND is not implemented yet: update this when it is.
-#[test]
-fn rep_07_for_bind_until_implemented() {
-    let _guard = shared();
-    let relay = Relay::start(&[]);
-    let echo = echo_server("127.0.0.1:0");
-    let rep = probe_rep(relay.addr, &request(CMD_BIND, &echo.addr.into()), "BIND");
-    assert_eq!(rep, 0x07);
-}
-
 #[test]
 fn udp_associate_gets_rep_00_and_a_usable_bnd() {
     let _guard = shared();
