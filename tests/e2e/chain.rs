@@ -204,3 +204,46 @@ fn rules_send_one_destination_direct_and_another_through_an_upstream() {
         "the direct one skipped c: {c_text}"
     );
 }
+
+#[test]
+fn curl_through_ringsocks_then_dante() {
+    let _guard = shared();
+    let have_danted = std::process::Command::new("sh")
+        .args(["-c", "command -v danted"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_danted {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI needs danted (the dante-server package)"
+        );
+        eprintln!("danted missing: skipped");
+        return;
+    }
+    let (http, _v6) = http_server_localhost();
+    // Dante on loopback, through the shim that gives it ringsocks' start-up contract.
+    let shim = support_script("dante-shim.sh");
+    let dante = Relay::start_wrapped(&[shim.to_str().unwrap()], &["--listen", "127.0.0.1:0"]);
+    let (a, a_log) = relay_with(
+        "dante-a",
+        &format!("{}{VIA_ALL}", upstream("next", dante.addr, "")),
+        &[],
+    );
+    for url in [
+        format!("http://127.0.0.1:{}/", http.port()),
+        format!("http://localhost:{}/", http.port()),
+    ] {
+        let out = curl(&["--socks5-hostname", &a.addr.to_string(), &url]);
+        assert!(
+            out.status.success() && out.stdout == b"hello\n",
+            "{url} through ringsocks -> danted: {}\n{}\ndanted:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            dante.stderr()
+        );
+    }
+    assert!(
+        logged(&a_log, &[&format!("target=\"localhost:{}\"", http.port())])
+            .contains(&format!("connected={}", dante.addr))
+    );
+}
