@@ -767,6 +767,10 @@ impl Rules {
                 continue;
             }
             return match rule.action {
+                // The rule that opens the association sends all of it through an upstream.
+                Action::Allow if rule.via.is_some() && !rule.has_to() && rule.ports.is_empty() => {
+                    Verdict::Via(rule.via.unwrap_or_default())
+                }
                 Action::Allow => Verdict::Allow,
                 Action::Deny => Verdict::Deny(DeniedBy::Rule {
                     index: i as usize + 1,

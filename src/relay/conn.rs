@@ -221,6 +221,9 @@ impl Conn {
         match op {
             Op::HandshakeRecv => self.on_handshake_recv(cx, c),
             Op::HandshakeSend => self.on_handshake_send(cx, c),
+            Op::Connect if matches!(self.stage, Stage::Association(_)) => {
+                self.on_udp_upstream_connect(cx, c)
+            }
             Op::Connect => self.on_connect(cx, c),
             Op::ReplySend | Op::EarlySend => self.on_reply_send(cx, op, c),
             Op::RejectSend => self.on_reject_send(cx, c),
@@ -234,6 +237,12 @@ impl Conn {
             Op::ControlRecv | Op::UdpRecv(_) | Op::UdpSend(_) => self.on_udp(cx, op, c),
             Op::BindAccept => self.on_bind_accept(cx, c),
             Op::BindReply => self.on_bind_reply(cx, c),
+            Op::UpstreamSend if matches!(self.stage, Stage::Association(_)) => {
+                self.on_udp_upstream_send(cx, c)
+            }
+            Op::UpstreamRecv if matches!(self.stage, Stage::Association(_)) => {
+                self.on_udp_upstream_recv(cx, c)
+            }
             Op::UpstreamSend => self.on_upstream_send(cx, c),
             Op::UpstreamRecv => self.on_upstream_recv(cx, c),
             Op::Shutdown(_) | Op::Timer(_) | Op::Resolve(_) => {}

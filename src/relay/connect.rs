@@ -538,6 +538,8 @@ impl Conn {
                     cx.io.close(t);
                 }
             }
+            // An association being set up with its upstream: no op in flight on its sockets.
+            Stage::Association(a) => a.release(cx),
             // No op is in flight on a BIND's sockets here either (its accept completed).
             Stage::Bind(b) => {
                 if let Some(l) = b.listener {

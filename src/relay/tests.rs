@@ -1736,3 +1736,104 @@ fn bind_is_refused_by_a_rule_for_the_bind_command() {
     assert!(h.fake.listeners.is_empty(), "nothing opened");
     h.finish_reject(&[vec![5, 0], error_reply(0x02)].concat());
 }
+
+// ---- upstream proxies --------------------------------------------------------------------
+
+const UPSTREAM: &str = "198.51.100.50:1080";
+
+/// `H` whose every request goes through one upstream (`via`), with `creds` for it.
+fn via_upstream(creds: Option<(&[u8], &[u8])>) -> H {
+    let mut h = with_rules(
+        &[RuleSpec {
+            via: Some(0),
+            ..RuleSpec::new(Action::Allow)
+        }],
+        Policy::default(),
+    );
+    h.cfg.upstreams = Arc::from(vec![crate::config::Upstream {
+        name: "up".into(),
+        addr: sa(UPSTREAM),
+        creds: creds.map(|(u, p)| (u.to_vec(), p.to_vec())),
+        resolve_local: false,
+    }]);
+    h
+}
+
+/// The upstream's side: completes the pending send on `t` and answers `answer` to the
+/// receive that follows; returns what the relay had sent.
+fn upstream_says(h: &mut H, t: u32, answer: &[u8]) -> Vec<u8> {
+    let (send, sent) = h.sent(t).expect("a send to the upstream");
+    h.complete(send, sent.len() as i32);
+    let recv = h.op(|k| *k == Kind::Recv { sock: t });
+    h.recv_into(recv, answer);
+    sent
+}
+
+#[test]
+fn connect_through_an_upstream_passes_the_name_and_its_reply() {
+    let mut h = via_upstream(Some((b"hop", b"pw")));
+    let c = h.client;
+    h.feed(&[&GREETING[..], &connect_name("far.example", 443)].concat());
+    assert!(
+        h.dns.lookups.is_empty(),
+        "remote DNS: the name is not resolved here"
+    );
+    let (op, t, addr) = h.connecting();
+    assert_eq!(addr, sa(UPSTREAM));
+    h.complete(op, 0);
+    // Greeting offering user/password, then the credentials, then the request with the name.
+    assert_eq!(upstream_says(&mut h, t, &[5, 2]), [5, 1, 2]);
+    assert_eq!(upstream_says(&mut h, t, &[1, 0]), userpass("hop", "pw"));
+    let upstream_bnd = sa("203.0.113.9:4444");
+    let mut answer = reply(Rep::SUCCEEDED, upstream_bnd);
+    answer.extend_from_slice(b"banner");
+    let req = upstream_says(&mut h, t, &answer);
+    assert_eq!(req, connect_name("far.example", 443));
+    // The upstream's BND goes to the client, then what came after its reply.
+    assert_eq!(
+        h.take_sent(c),
+        [
+            vec![5, 0],
+            reply(Rep::SUCCEEDED, upstream_bnd),
+            b"banner".to_vec()
+        ]
+        .concat()
+    );
+    assert!(
+        h.recv_multi(c).is_some() && h.recv_multi(t).is_some(),
+        "a tunnel"
+    );
+}
+
+#[test]
+fn an_upstreams_rep_goes_back_as_is_and_a_closed_upstream_is_rep_01() {
+    let mut h = via_upstream(None);
+    h.feed(&[&GREETING[..], &connect_ip(TARGET)].concat());
+    let (op, t, _) = h.connecting();
+    h.complete(op, 0);
+    upstream_says(&mut h, t, &[5, 0]);
+    upstream_says(&mut h, t, &error_reply(0x05));
+    h.finish_reject(&[vec![5, 0], error_reply(0x05)].concat());
+
+    let mut h = via_upstream(None);
+    h.feed(&[&GREETING[..], &connect_ip(TARGET)].concat());
+    let (op, t, _) = h.connecting();
+    h.complete(op, 0);
+    upstream_says(&mut h, t, &[]);
+    h.finish_reject(&[vec![5, 0], error_reply(0x01)].concat());
+}
+
+#[test]
+fn an_upstream_that_does_not_answer_is_rep_04_at_the_connect_timeout() {
+    let mut h = via_upstream(None);
+    h.feed(&[&GREETING[..], &connect_ip(TARGET)].concat());
+    let (op, t, _) = h.connecting();
+    h.complete(op, 0);
+    let (send, sent) = h.sent(t).unwrap();
+    h.complete(send, sent.len() as i32);
+    let recv = h.op(|k| *k == Kind::Recv { sock: t });
+    h.advance(Duration::from_secs(10));
+    assert!(h.cancelled(recv));
+    h.complete_cancelled();
+    h.finish_reject(&[vec![5, 0], error_reply(0x04)].concat());
+}

@@ -247,3 +247,67 @@ fn curl_through_ringsocks_then_dante() {
             .contains(&format!("connected={}", dante.addr))
     );
 }
+
+#[test]
+fn pysocks_udp_through_a_three_hop_chain() {
+    let _guard = shared();
+    let echo = UdpServer::echo("127.0.0.1:0");
+    let (c, c_log) = relay_with("udp-c", "", &[]);
+    let (b, b_log) = relay_with(
+        "udp-b",
+        &format!("{}{VIA_ALL}", upstream("next", c.addr, "")),
+        &[],
+    );
+    let (a, a_log) = relay_with(
+        "udp-a",
+        &format!("{}{VIA_ALL}", upstream("next", b.addr, "")),
+        &[],
+    );
+    let py = python_with_socks();
+    let (st, out, err) = run_bounded(
+        &py,
+        &[
+            support_script("udp_pysocks.py").display().to_string(),
+            "echo".into(),
+            "--proxy".into(),
+            a.addr.to_string(),
+            "--target".into(),
+            echo.addr.to_string(),
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(
+        st.is_some_and(|s| s.success()) && out.contains("OK"),
+        "PySocks UDP through a -> b -> c: {st:?}\n{out}\n{err}\na:\n{}\nb:\n{}",
+        a.stderr(),
+        b.stderr()
+    );
+    assert_eq!(echo.received(), 6, "the target saw every datagram once");
+    // Each hop had its own association, and each ended with the client's.
+    for log in [&a_log, &b_log, &c_log] {
+        let line = logged(log, &["command=udp", "rep=0x00"]);
+        assert!(!line.contains(" up=0 "), "{line}");
+    }
+    // The UDP client check at c saw b's socket, at b saw a's: every hop accepted the one
+    // before it, and c relayed to the target itself.
+    assert!(logged(&c_log, &["command=udp"]).contains("client=127.0.0.1:"));
+}
+
+#[test]
+fn an_association_through_an_upstream_that_is_down_gets_rep_05() {
+    let _guard = shared();
+    let down = closed_port();
+    let (a, _) = relay_with(
+        "udp-down-a",
+        &format!("{}{VIA_ALL}", upstream("next", down, "")),
+        &[],
+    );
+    let (_ctl, r) = udp_associate_raw(a.addr, &Target::Addr("0.0.0.0:0".parse().unwrap())).unwrap();
+    assert_eq!(r.rep, 0x05);
+    assert!(
+        a.stderr().contains("upstream unreachable") || {
+            std::thread::sleep(Duration::from_millis(200));
+            a.stderr().contains("upstream unreachable")
+        }
+    );
+}

@@ -34,7 +34,7 @@ use crate::proto::udp_burst::{
     insert_reply_headers, strip_client_burst, Aside, Run, GSO_MAX_BYTES, GSO_MAX_SEGMENTS,
 };
 use crate::proto::Addr;
-use crate::rules::{Command, Request, Rules};
+use crate::rules::{Command, Request, Rules, Verdict};
 use crate::uring::recvmsg::{RecvMsg, PAYLOAD_OFF};
 use crate::uring::sockaddr::to_dual_stack;
 use crate::uring::{Completion, Data, Engine, OpId, PBuf, Sock};
@@ -132,6 +132,10 @@ pub(crate) struct Assoc {
     peer_ip: IpAddr,
     /// The authenticated user, for the rules.
     user: Option<Box<[u8]>>,
+    /// Through an upstream proxy: its UDP relay address. Datagrams then go to it as they came
+    /// (the SOCKS header is the next hop's header too) and its datagrams come back as they
+    /// are (their header names the original target).
+    pub(crate) upstream_udp: Option<SocketAddr>,
 }
 
 /// Opens the two sockets of an association. `local` is the control connection's local
@@ -196,6 +200,7 @@ impl Assoc {
             filter: ClientFilter::new(check, peer_ip, requested),
             peer_ip,
             user,
+            upstream_udp: None,
             reasm: Reassembler::default(),
             recv_op: [None, None],
             recv_errors: 0,
@@ -384,6 +389,14 @@ impl Assoc {
             self.stats.dropped_malformed += m.datagrams();
             return;
         }
+        if let Some(up) = self
+            .upstream_udp
+            .and_then(|u| Self::target_addr(self.tsock_v6, u))
+        {
+            // Header and all, to the next hop (its rules decide; ours did at association time).
+            let run = Run::segmented(PAYLOAD_OFF, m.end, m.gso, up);
+            return self.send_runs(cx, inflight, Side::Target, buf, &[run]);
+        }
         let Some(bytes) = buf.bytes_mut() else {
             return;
         };
@@ -460,6 +473,17 @@ impl Assoc {
         if m.truncated {
             self.stats.dropped_malformed += m.datagrams();
             return;
+        }
+        if let Some(up) = self.upstream_udp {
+            // Only the upstream answers here, with the original target already in the header.
+            let from = SocketAddr::new(src.ip().to_canonical(), src.port());
+            if from != SocketAddr::new(up.ip().to_canonical(), up.port()) {
+                self.stats.dropped_foreign += m.datagrams();
+                return;
+            }
+            self.last_active = cx.now;
+            let run = Run::segmented(PAYLOAD_OFF, m.end, m.gso, client);
+            return self.send_runs(cx, inflight, Side::Client, buf, &[run]);
         }
         let Some(bytes) = buf.bytes_mut() else {
             return;
@@ -688,16 +712,14 @@ impl Assoc {
             Addr::Ip(a) => (None, Some(a.ip())),
             Addr::Domain(n, _) => (Some(&n[..]), None),
         };
-        rules
-            .check(&Request {
-                client: self.peer_ip,
-                user: self.user.as_deref(),
-                command: Command::Udp,
-                name,
-                ip,
-                port: dst.port(),
-            })
-            .is_allowed()
+        rules.check(&Request {
+            client: self.peer_ip,
+            user: self.user.as_deref(),
+            command: Command::Udp,
+            name,
+            ip,
+            port: dst.port(),
+        }) == Verdict::Allow
     }
 
     /// The first address `name` resolved to that the rules allow, counting a refusal when
@@ -839,5 +861,7 @@ fn udp_allowed(
                 ip: Some(dst.ip()),
                 port: dst.port(),
             })
-            .is_allowed()
+            // A datagram a `via` rule allows is not sent directly: such a rule must open the
+            // association (no `to`, no `ports`) to route it through its upstream.
+            == Verdict::Allow
 }

@@ -17,10 +17,12 @@ use super::conn::{Conn, Stage};
 use super::handshake::Requested;
 use super::token::Op;
 use super::Ctx;
+use crate::config::Upstream;
 use crate::dns::{Addrs, ResolveError};
-use crate::proto::RelayError;
+use crate::proto::client::{ClientError, ClientHandshake, ClientStep};
+use crate::proto::{self, Addr, RelayError};
 use crate::rules::{Command, Verdict};
-use crate::uring::{Completion, Data, Engine};
+use crate::uring::{Completion, Data, Engine, Sock, Source};
 use assoc::Assoc;
 
 pub(crate) struct Association {
@@ -31,15 +33,40 @@ pub(crate) struct Association {
     timer_at: Option<Instant>,
     /// Why the association ended, for its log line.
     end_reason: &'static str,
+    /// Through an upstream proxy: our own association with it.
+    upstream: Option<Box<UpstreamAssoc>>,
+}
+
+/// The association the relay opens with an upstream proxy for a client's association: a TCP
+/// control connection (its end ends ours, and ours closes it) and the upstream's UDP relay
+/// address, to which the client's datagrams go as they are.
+pub(super) struct UpstreamAssoc {
+    upstream: Upstream,
+    /// The control connection: connecting, then the handshake, then watched for its end.
+    ctl: Option<Sock>,
+    handshake: Option<ClientHandshake>,
+    /// The upstream's reply arrived: the association is running.
+    ready: bool,
+    timed_out: bool,
+    /// Our reply, sent once the upstream's came.
+    reply_prefix: Vec<u8>,
+    bnd: SocketAddr,
+    dst: Addr,
 }
 
 impl Association {
     pub(super) fn close<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, waiting: bool) {
         self.assoc.close(cx, waiting);
+        if let Some(ctl) = self.upstream.as_ref().and_then(|u| u.ctl.as_ref()) {
+            cx.io.cancel_all(ctl);
+        }
     }
 
     pub(super) fn release<E: Engine>(self, cx: &mut Ctx<'_, E>) {
         self.assoc.release(cx);
+        if let Some(ctl) = self.upstream.and_then(|u| u.ctl) {
+            cx.io.close(ctl);
+        }
     }
 
     #[cfg(test)]
@@ -65,9 +92,13 @@ impl Conn {
             .cfg
             .rules
             .check_open(peer.ip(), r.user.as_deref(), Command::Udp);
-        if let Verdict::Deny(by) = verdict {
-            return self.fail(cx, r.reply_prefix, &r.req.dst, RelayError::Denied(by));
-        }
+        let upstream = match verdict {
+            Verdict::Deny(by) => {
+                return self.fail(cx, r.reply_prefix, &r.req.dst, RelayError::Denied(by))
+            }
+            Verdict::Via(i) => cx.cfg.upstreams.get(usize::from(i)).cloned(),
+            Verdict::Allow => None,
+        };
         let (csock, caddr, tsock, v6) = match assoc::open(cx.io, local, &cx.cfg.outbound) {
             Ok(s) => s,
             Err(e) => {
@@ -99,8 +130,230 @@ impl Conn {
             published: assoc::Stats::default(),
             timer_at: None,
             end_reason: "relay shutting down",
+            upstream: None,
         }));
-        self.send_success_reply(cx, r.reply_prefix, bnd);
+        let Some(upstream) = upstream else {
+            return self.send_success_reply(cx, r.reply_prefix, bnd);
+        };
+        // Through an upstream: its association first, within the connect timeout; our reply
+        // follows its reply.
+        self.arm_timer(cx, cx.cfg.connect_timeout);
+        let from = Source {
+            ip: cx.cfg.outbound.source_for(upstream.addr.is_ipv6()),
+            device: cx.cfg.outbound.device.as_deref(),
+        };
+        let connected = cx.io.connect(upstream.addr, from, self.owner(Op::Connect));
+        let Stage::Association(a) = &mut self.stage else {
+            return;
+        };
+        let mut up = Box::new(UpstreamAssoc {
+            upstream,
+            ctl: None,
+            handshake: None,
+            ready: false,
+            timed_out: false,
+            reply_prefix: r.reply_prefix,
+            bnd,
+            dst: r.req.dst,
+        });
+        match connected {
+            Ok((sock, _)) => {
+                up.ctl = Some(sock);
+                a.upstream = Some(up);
+                self.inflight += 1;
+            }
+            Err(e) => {
+                let (prefix, dst) = (std::mem::take(&mut up.reply_prefix), up.dst.clone());
+                info!(client = %self.peer_str(), upstream = %up.upstream.name, error = %e, "upstream unreachable");
+                cx.metrics.assoc_closed.inc();
+                self.fail(
+                    cx,
+                    prefix,
+                    &dst,
+                    RelayError::Connect(e.raw_os_error().unwrap_or(0)),
+                );
+            }
+        }
+    }
+
+    /// The upstream of an association: connected (or not).
+    pub(super) fn on_udp_upstream_connect<E: Engine>(
+        &mut self,
+        cx: &mut Ctx<'_, E>,
+        c: Completion,
+    ) {
+        let (client, send) = (self.peer_str(), self.owner(Op::UpstreamSend));
+        let Stage::Association(a) = &mut self.stage else {
+            return self.close(cx);
+        };
+        let Some(up) = a.upstream.as_mut() else {
+            return self.close(cx);
+        };
+        let Some(sock) = up.ctl.take() else {
+            return self.close(cx);
+        };
+        if c.res < 0 {
+            info!(
+                client = %client,
+                upstream = %up.upstream.name,
+                address = %up.upstream.addr,
+                error = %std::io::Error::from_raw_os_error(-c.res),
+                "upstream unreachable"
+            );
+            cx.io.close(sock);
+            let err = if up.timed_out || c.res == -libc::ECANCELED {
+                RelayError::ConnectTimeout
+            } else {
+                RelayError::Connect(-c.res)
+            };
+            return self.fail_upstream_assoc(cx, err);
+        }
+        let (sock, _) = cx.io.establish(sock);
+        // The relay's own association: it names no client endpoint (0.0.0.0:0), so the
+        // upstream takes the first datagram from this host as ours.
+        let mut hs = ClientHandshake::new(
+            Addr::Ip(SocketAddr::from(([0, 0, 0, 0], 0))),
+            proto::Command::UDP_ASSOCIATE,
+            up.upstream.creds.clone(),
+        );
+        let mut out = Vec::new();
+        hs.start(&mut out);
+        up.handshake = Some(hs);
+        cx.io.send(&sock, out, 0, send);
+        up.ctl = Some(sock);
+        self.inflight += 1;
+    }
+
+    pub(super) fn on_udp_upstream_send<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, c: Completion) {
+        let (send, recv) = (self.owner(Op::UpstreamSend), self.owner(Op::UpstreamRecv));
+        let Stage::Association(a) = &mut self.stage else {
+            return self.close(cx);
+        };
+        let (Some(up), Data::Buf { buf, off }) = (a.upstream.as_mut(), c.data) else {
+            return self.close(cx);
+        };
+        let Some(ctl) = &up.ctl else {
+            return self.close(cx);
+        };
+        if c.res <= 0 {
+            let err = if up.timed_out || c.res == -libc::ECANCELED {
+                RelayError::ConnectTimeout
+            } else {
+                RelayError::UpstreamFailed
+            };
+            return self.fail_upstream_assoc(cx, err);
+        }
+        let off = off + c.res as usize;
+        if off < buf.len() {
+            cx.io.send(ctl, buf, off, send);
+        } else {
+            cx.io.recv(ctl, Vec::with_capacity(512), recv);
+        }
+        self.inflight += 1;
+    }
+
+    pub(super) fn on_udp_upstream_recv<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, c: Completion) {
+        let (send, recv) = (self.owner(Op::UpstreamSend), self.owner(Op::UpstreamRecv));
+        let client = self.peer_str();
+        let Stage::Association(a) = &mut self.stage else {
+            return self.close(cx);
+        };
+        let (Some(up), Data::Buf { buf, off }) = (a.upstream.as_mut(), c.data) else {
+            return self.close(cx);
+        };
+        let Some(ctl) = &up.ctl else {
+            return self.close(cx);
+        };
+        if up.ready {
+            // The running association's control connection: bytes mean nothing, its end
+            // ends the client's association.
+            if c.res > 0 {
+                cx.io.recv(ctl, Vec::with_capacity(64), recv);
+                self.inflight += 1;
+                return;
+            }
+            return self.end_udp(cx, "upstream control connection closed");
+        }
+        if c.res <= 0 {
+            let err = if up.timed_out || c.res == -libc::ECANCELED {
+                RelayError::ConnectTimeout
+            } else {
+                RelayError::UpstreamFailed
+            };
+            return self.fail_upstream_assoc(cx, err);
+        }
+        let Some(hs) = up.handshake.as_mut() else {
+            return self.close(cx);
+        };
+        let mut out = Vec::new();
+        match hs.advance(&buf[off..], &mut out) {
+            Ok(ClientStep::NeedMore) => {
+                if out.is_empty() {
+                    cx.io.recv(ctl, Vec::with_capacity(512), recv);
+                } else {
+                    cx.io.send(ctl, out, 0, send);
+                }
+                self.inflight += 1;
+            }
+            Ok(ClientStep::Done { reply, .. }) => {
+                let Addr::Ip(relay) = reply.bnd else {
+                    return self.fail_upstream_assoc(cx, RelayError::UpstreamFailed);
+                };
+                // An unspecified BND means "the address you reached me on".
+                let relay = if relay.ip().is_unspecified() {
+                    SocketAddr::new(up.upstream.addr.ip(), relay.port())
+                } else {
+                    relay
+                };
+                up.ready = true;
+                a.assoc.upstream_udp = Some(relay);
+                cx.io.recv(ctl, Vec::with_capacity(64), recv);
+                self.inflight += 1;
+                debug!(client = %client, upstream = %up.upstream.name, relay = %relay, "upstream association");
+                let (prefix, bnd) = (std::mem::take(&mut up.reply_prefix), up.bnd);
+                self.disarm_timer();
+                self.send_success_reply(cx, prefix, bnd);
+            }
+            Err(e) => {
+                info!(client = %client, upstream = %up.upstream.name, reason = %e, "upstream handshake failed");
+                let err = match e {
+                    ClientError::Rep(rep) => RelayError::UpstreamRep(rep.0),
+                    _ => RelayError::UpstreamFailed,
+                };
+                self.fail_upstream_assoc(cx, err);
+            }
+        }
+    }
+
+    /// The upstream's association could not be set up: the client gets `err`'s reply.
+    fn fail_upstream_assoc<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, err: RelayError) {
+        let Stage::Association(a) = &mut self.stage else {
+            return self.close(cx);
+        };
+        let (prefix, dst) = match a.upstream.as_mut() {
+            Some(up) => (std::mem::take(&mut up.reply_prefix), up.dst.clone()),
+            None => (Vec::new(), Addr::Ip(SocketAddr::from(([0, 0, 0, 0], 0)))),
+        };
+        cx.metrics.assoc_closed.inc();
+        self.fail(cx, prefix, &dst, err);
+    }
+
+    /// The connect timeout while the upstream's association is being set up: cancel what
+    /// waits on its control connection; the completion answers the client.
+    pub(super) fn on_udp_upstream_timeout<E: Engine>(&mut self, cx: &mut Ctx<'_, E>) -> bool {
+        let Stage::Association(a) = &mut self.stage else {
+            return false;
+        };
+        match a.upstream.as_mut() {
+            Some(up) if !up.ready => {
+                up.timed_out = true;
+                if let Some(ctl) = &up.ctl {
+                    cx.io.cancel_all(ctl);
+                }
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The reply is out: start relaying datagrams and watch the control connection.
@@ -138,6 +391,9 @@ impl Conn {
     }
 
     pub(super) fn on_udp_timer<E: Engine>(&mut self, cx: &mut Ctx<'_, E>) {
+        if self.on_udp_upstream_timeout(cx) {
+            return;
+        }
         let Stage::Association(a) = &mut self.stage else {
             return;
         };
