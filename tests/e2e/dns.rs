@@ -114,7 +114,6 @@ fn dns_server() -> Dns {
 
 /// Starts the relay in a private mount namespace that resolves through the test's server.
 fn relay_with_test_dns(args: &[&str]) -> Relay {
-    require_tool("unshare");
     let resolv = tmp_path("resolv.conf");
     std::fs::write(
         &resolv,
@@ -123,20 +122,10 @@ fn relay_with_test_dns(args: &[&str]) -> Relay {
     .unwrap();
     let nsswitch = tmp_path("nsswitch.conf");
     std::fs::write(&nsswitch, "hosts: files dns\n").unwrap();
-    let script = format!(
-        "mount --bind {} /etc/resolv.conf && mount --bind {} /etc/nsswitch.conf && exec \"$0\" \"$@\"",
-        resolv.display(),
-        nsswitch.display()
-    );
-    Relay::start_wrapped(
+    relay_with_mounts(
         &[
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            &script,
+            (&resolv, "/etc/resolv.conf"),
+            (&nsswitch, "/etc/nsswitch.conf"),
         ],
         args,
     )

@@ -236,7 +236,6 @@ default = "deny"
 /// Starts the relay in a private mount namespace whose /etc/hosts maps `rebind.test` (and
 /// `also.rebind.test`) to 127.0.0.1: a public-looking name that resolves to loopback.
 fn relay_with_hosts(config: &Path) -> Relay {
-    require_tool("unshare");
     let hosts = tmp_path("hosts");
     std::fs::write(
         &hosts,
@@ -245,21 +244,8 @@ fn relay_with_hosts(config: &Path) -> Relay {
     .unwrap();
     let nsswitch = tmp_path("nsswitch-files.conf");
     std::fs::write(&nsswitch, "hosts: files\n").unwrap();
-    let script = format!(
-        "mount --bind {} /etc/hosts && mount --bind {} /etc/nsswitch.conf && exec \"$0\" \"$@\"",
-        hosts.display(),
-        nsswitch.display()
-    );
-    Relay::start_wrapped(
-        &[
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            &script,
-        ],
+    relay_with_mounts(
+        &[(&hosts, "/etc/hosts"), (&nsswitch, "/etc/nsswitch.conf")],
         &["--config", config.to_str().unwrap(), "--shards", "1"],
     )
 }

@@ -50,15 +50,6 @@ fn skip_without_haproxy(test: &str) -> bool {
     true
 }
 
-/// A loopback port free right now (bound a moment later by the relay or HAProxy).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// HAProxy in the foreground (`-db`), output to a file; killed (by its PID) on drop.
 struct Haproxy {
     child: Child,
