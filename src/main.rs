@@ -153,6 +153,7 @@ fn run(cfg: Config) -> std::io::Result<()> {
             Err(_) => return Err(std::io::Error::other("a shard exited during start-up")),
         }
     }
+    let mut metrics_at = None;
     if let Some(addr) = cfg.metrics {
         let m = Metrics {
             shards: shard_metrics,
@@ -163,8 +164,10 @@ fn run(cfg: Config) -> std::io::Result<()> {
                 .as_ref()
                 .map_or_else(Default::default, |a| a.dropped()),
         };
-        metrics::serve(addr, Arc::new(m))
-            .map_err(|e| std::io::Error::new(e.kind(), format!("--metrics {addr}: {e}")))?;
+        metrics_at = Some(
+            metrics::serve(addr, Arc::new(m))
+                .map_err(|e| std::io::Error::new(e.kind(), format!("--metrics {addr}: {e}")))?,
+        );
     }
     info!(
         shards = cfg.shards,
@@ -174,6 +177,10 @@ fn run(cfg: Config) -> std::io::Result<()> {
     );
     {
         let mut out = std::io::stdout().lock();
+        // Port 0 picks a free port: say which (before the `listening` lines, which mean ready).
+        if let Some(a) = metrics_at {
+            writeln!(out, "metrics {a}")?;
+        }
         for a in &bound {
             writeln!(out, "listening {a}")?;
         }

@@ -71,9 +71,15 @@ fn metrics_move_by_exactly_the_bytes_relayed() {
     let _guard = shared();
     const LEN: usize = 10 << 20;
     for mode in FORWARD_MODES {
-        let maddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let m = maddr.to_string();
-        let relay = Relay::start(&["--forward", mode, "--shards", "2", "--metrics", &m]);
+        let relay = Relay::start(&[
+            "--forward",
+            mode,
+            "--shards",
+            "2",
+            "--metrics",
+            "127.0.0.1:0",
+        ]);
+        let maddr = relay.metrics_addr();
         let echo = echo_server("127.0.0.1:0");
         let before = scrape_until(maddr, "first scrape", |_| true);
         let closed = |s: &str| sample(s, "ringsocks_connections_closed_total{outcome=\"relayed\"}");
@@ -162,9 +168,8 @@ fn promtool_check(scrape: &str) {
 #[test]
 fn outcomes_and_refusals_are_counted() {
     let _guard = shared();
-    let maddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let m = maddr.to_string();
-    let relay = Relay::start(&["--shards", "1", "--metrics", &m]);
+    let relay = Relay::start(&["--shards", "1", "--metrics", "127.0.0.1:0"]);
+    let maddr = relay.metrics_addr();
     let (_, r) =
         socks_request(relay.addr, None, CMD_CONNECT, &Target::Addr(closed_port())).unwrap();
     assert_eq!(r.rep, 0x05);
@@ -190,9 +195,15 @@ fn outcomes_and_refusals_are_counted() {
 #[test]
 fn healthz_is_503_once_draining() {
     let _guard = shared();
-    let maddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let m = maddr.to_string();
-    let mut relay = Relay::start(&["--shards", "2", "--metrics", &m, "--drain-timeout", "5s"]);
+    let mut relay = Relay::start(&[
+        "--shards",
+        "2",
+        "--metrics",
+        "127.0.0.1:0",
+        "--drain-timeout",
+        "5s",
+    ]);
+    let maddr = relay.metrics_addr();
     assert_eq!(http_get(maddr, "/healthz"), (200, "ok\n".to_string()));
     // An open tunnel keeps the relay draining after SIGTERM.
     let echo = echo_server("127.0.0.1:0");

@@ -228,9 +228,8 @@ impl Pool {
     fn start() -> Pool {
         let instances: Vec<Instance> = (0..2)
             .map(|i| {
-                let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
                 let log = tmp_path(&format!("scaleout-rs{}.log", i + 1));
-                let (m, l) = (metrics.to_string(), log.to_str().unwrap().to_string());
+                let l = log.to_str().unwrap().to_string();
                 let relay = Relay::start(&[
                     "--shards",
                     "2",
@@ -242,10 +241,11 @@ impl Pool {
                     "--udp-advertise",
                     "127.0.0.1",
                     "--metrics",
-                    &m,
+                    "127.0.0.1:0",
                     "--drain-timeout",
                     "30s",
                 ]);
+                let metrics = relay.metrics_addr();
                 Instance {
                     relay,
                     metrics,

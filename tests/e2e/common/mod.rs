@@ -48,6 +48,7 @@ pub struct Relay {
     pub addr: SocketAddr,
     pub child: Child,
     stderr: Arc<Mutex<String>>,
+    stdout: Arc<Mutex<String>>,
     exited: Option<ExitStatus>,
 }
 
@@ -184,6 +185,7 @@ impl Relay {
                 addr: addrs[0],
                 child,
                 stderr,
+                stdout: stdout_log,
                 exited: None,
             });
         }
@@ -210,6 +212,14 @@ impl Relay {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Where `--metrics 127.0.0.1:0` listens: the relay's `metrics ADDR` line.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        let out = self.stdout.lock().unwrap().clone();
+        out.lines()
+            .find_map(|l| l.strip_prefix("metrics ")?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no `metrics ADDR` line on stdout:\n{out}"))
     }
 
     /// Everything the relay wrote to stderr so far.
