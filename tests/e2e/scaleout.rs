@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 
 /// The balancer's source address toward the instances (HAProxy `source`): distinct from
 /// every client's, so that a log line naming it would be a line without the real client.
+/// Where HAProxy accepts clients.
+const FRONT_IP: &str = "127.0.0.8:0";
 const BALANCER_IP: &str = "127.0.0.9";
 /// Client addresses for the TCP traffic.
 const CLIENTS: [&str; 2] = ["127.0.0.2", "127.0.0.3"];
@@ -253,7 +255,11 @@ impl Pool {
                 }
             })
             .collect();
-        let front: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        // A loopback address of its own: a port free on it cannot be taken meanwhile by the
+        // relays and clients of tests running alongside, which all use 127.0.0.1.
+        let front: SocketAddr = std::net::TcpListener::bind(FRONT_IP)
+            .and_then(|l| l.local_addr())
+            .expect("a free port on the balancer's front address");
         let stats = tmp_path("haproxy.sock");
         let cfg = tmp_path("haproxy.cfg");
         std::fs::write(&cfg, haproxy_config(front, &stats, &instances)).unwrap();

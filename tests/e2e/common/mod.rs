@@ -1429,15 +1429,6 @@ pub fn ss_established(port: u16, timers: bool) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A loopback port free right now (the process under test binds it a moment later).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Starts the relay in a private mount namespace (`unshare --mount`) in which each
 /// `(file, over)` pair bind-mounts `file` over the system file `over` (say, a hosts file
 /// over /etc/hosts); the relay execs in place, so its PID is the one we started.
