@@ -23,8 +23,22 @@ use std::time::{Duration, Instant};
 
 /// The balancer's source address toward the instances (HAProxy `source`): distinct from
 /// every client's, so that a log line naming it would be a line without the real client.
-/// Where HAProxy accepts clients.
-const FRONT_IP: &str = "127.0.0.8:0";
+/// Where HAProxy accepts clients: 127.0.0.1 (PySocks sends datagrams to the proxy's own IP,
+/// whatever BND says, so the front must share the instances' IP), on a free port below the
+/// kernel's ephemeral range, so that no socket of a test running alongside (they all take
+/// ephemeral ports) can take it between this probe and HAProxy's bind.
+/// Each call starts from its own port (HAProxy binds with SO_REUSEPORT, so two tests that
+/// probed the same free port would share it).
+fn front_addr() -> SocketAddr {
+    static CALLS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let base = 20_000 + (std::process::id() % 1_000) as u16 * 8 + call * 1_000;
+    (0..500u16)
+        .map(|i| SocketAddr::from(([127, 0, 0, 1], base + i)))
+        .find(|a| std::net::TcpListener::bind(a).is_ok())
+        .expect("a free port below the ephemeral range")
+}
+
 const BALANCER_IP: &str = "127.0.0.9";
 /// Client addresses for the TCP traffic.
 const CLIENTS: [&str; 2] = ["127.0.0.2", "127.0.0.3"];
@@ -255,11 +269,7 @@ impl Pool {
                 }
             })
             .collect();
-        // A loopback address of its own: a port free on it cannot be taken meanwhile by the
-        // relays and clients of tests running alongside, which all use 127.0.0.1.
-        let front: SocketAddr = std::net::TcpListener::bind(FRONT_IP)
-            .and_then(|l| l.local_addr())
-            .expect("a free port on the balancer's front address");
+        let front = front_addr();
         let stats = tmp_path("haproxy.sock");
         let cfg = tmp_path("haproxy.cfg");
         std::fs::write(&cfg, haproxy_config(front, &stats, &instances)).unwrap();
