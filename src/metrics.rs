@@ -201,6 +201,8 @@ pub struct ShardMetrics {
     pub buffer_exhausted: Counter,
     pub copy_to_splice: Counter,
     pub rules_refused: Counter,
+    /// BIND peers closed because DST.ADDR named another host.
+    pub bind_peers_refused: Counter,
 }
 
 impl ShardMetrics {
@@ -449,6 +451,12 @@ impl Collector for Metrics {
             "ringsocks_requests_refused_by_rules",
             "Requests (CONNECT, UDP ASSOCIATE) refused by an access rule or the policy.",
             self.sum(|s| s.rules_refused.get()),
+        )?;
+        counter(
+            e,
+            "ringsocks_bind_peers_refused",
+            "BIND peers closed because the request's DST.ADDR named another host.",
+            self.sum(|s| s.bind_peers_refused.get()),
         )?;
         gauge(
             e,

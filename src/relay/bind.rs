@@ -138,11 +138,13 @@ impl Conn {
         if b.expect.is_some() && peer_ip != b.expect {
             // Not the host the client named: close it and keep listening.
             b.refused += 1;
+            cx.metrics.bind_peers_refused.inc();
             cx.io.close(sock);
             info!(
                 client = %client,
                 peer = %peer.map_or_else(|| "?".to_string(), |p| p.to_string()),
                 expected = %b.expect.map_or_else(String::new, |ip| ip.to_string()),
+                refused = b.refused,
                 "bind: refused a peer DST.ADDR does not name"
             );
             if let Some(l) = &b.listener {

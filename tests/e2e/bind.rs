@@ -64,7 +64,7 @@ fn raw_bind_two_replies_then_relay() {
 #[test]
 fn raw_bind_refuses_a_peer_dst_does_not_name() {
     let _guard = shared();
-    let relay = Relay::start(&["--shards", "1"]);
+    let relay = Relay::start(&["--shards", "1", "--metrics", "127.0.0.1:0"]);
     let (mut ctl, first) = socks_request(
         relay.addr,
         None,
@@ -92,6 +92,15 @@ fn raw_bind_refuses_a_peer_dst_does_not_name() {
     assert!(
         log.contains("bind: refused a peer DST.ADDR does not name"),
         "{log}"
+    );
+    // And counted.
+    let mut m = TcpStream::connect(relay.metrics_addr()).unwrap();
+    m.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut scrape = String::new();
+    m.read_to_string(&mut scrape).unwrap();
+    assert!(
+        scrape.contains("ringsocks_bind_peers_refused_total 1"),
+        "{scrape}"
     );
 }
 
