@@ -37,7 +37,19 @@ fn start_activated(addrs: &[SocketAddr], args: &[&str], url: &str) -> Relay {
     }
     let first = {
         let (relay, url) = (addrs[0], url.to_string());
-        std::thread::spawn(move || curl_ok(relay, &url))
+        std::thread::spawn(move || {
+            // systemd-socket-activate may not have bound yet: wait until the address takes
+            // a connection (that probe activates the relay too, and closes without a word).
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect_timeout(&relay, Duration::from_secs(1)).is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{relay} never took a connection"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            curl_ok(relay, &url)
+        })
     };
     let relay = Relay::start_wrapped(&wrapper, &full);
     assert_eq!(
