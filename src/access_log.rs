@@ -39,7 +39,7 @@ pub struct Entry<'a> {
     /// "connect", "udp" or "bind".
     pub command: &'static str,
     /// The target as the client wrote it (a name or an address; `0.0.0.0:0` for UDP).
-    pub target: String,
+    pub target: &'a str,
     /// The address connected to (CONNECT), or the association's address (UDP).
     pub connected: Option<SocketAddr>,
     pub rep: u8,
@@ -233,7 +233,7 @@ mod tests {
             client: Some("127.0.0.2:5555".parse().unwrap()),
             user: Some(b"al ice"),
             command: "connect",
-            target: "example.com:443".into(),
+            target: "example.com:443",
             connected: Some("192.0.2.1:443".parse().unwrap()),
             rep: 0,
             up: 10,

@@ -92,15 +92,8 @@ impl Conn {
     }
 
     pub(super) fn on_bind_reply<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, c: Completion) {
-        let Data::Buf { buf, off } = c.data else {
-            return self.close(cx);
-        };
-        if c.res <= 0 {
-            return self.close(cx);
-        }
-        let off = off + c.res as usize;
-        if off < buf.len() {
-            return self.send_client(cx, buf, off, Op::BindReply);
+        if self.client_sent(cx, c, Op::BindReply).is_none() {
+            return;
         }
         let Stage::Bind(b) = &mut self.stage else {
             return self.close(cx);

@@ -28,7 +28,7 @@ use super::Ctx;
 use crate::access_log::Entry;
 use crate::limits::Lease;
 use crate::metrics::{Outcome, Path};
-use crate::uring::{Completion, Engine, Sock};
+use crate::uring::{Completion, Data, Engine, Sock};
 
 pub(super) enum Stage {
     Handshake(Box<Handshake>),
@@ -163,6 +163,30 @@ impl Conn {
     ) {
         self.inflight += 1;
         cx.io.send(&self.client, buf, off, self.id.owner(op));
+    }
+
+    /// A send to the client (`op`) completed: sends what is left and answers None, or closes
+    /// on an error and answers None, or answers the buffer once all of it is out.
+    pub(super) fn client_sent<E: Engine>(
+        &mut self,
+        cx: &mut Ctx<'_, E>,
+        c: Completion,
+        op: Op,
+    ) -> Option<Vec<u8>> {
+        let Data::Buf { buf, off } = c.data else {
+            self.close(cx);
+            return None;
+        };
+        if c.res <= 0 {
+            self.close(cx);
+            return None;
+        }
+        let off = off + c.res as usize;
+        if off < buf.len() {
+            self.send_client(cx, buf, off, op);
+            return None;
+        }
+        Some(buf)
     }
 
     /// Arms the connection's one timer (replacing any earlier deadline).
@@ -341,7 +365,7 @@ impl Conn {
                 client: self.peer,
                 user: r.user.as_deref(),
                 command: r.command,
-                target: r.target.clone(),
+                target: &r.target,
                 connected: r.connected,
                 rep: r.rep,
                 up: r.up,
@@ -384,7 +408,9 @@ impl Conn {
         if self.outcome == Outcome::Relayed {
             self.outcome = Outcome::IoError;
         }
-        self.end_reason(std::io::Error::from_raw_os_error(-res).to_string());
+        if self.record.is_some() {
+            self.end_reason(std::io::Error::from_raw_os_error(-res).to_string());
+        }
         debug!(
             client = %self.peer_str(),
             target = %target,

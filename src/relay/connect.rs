@@ -22,6 +22,16 @@ use crate::proto::{self, Addr, RelayError, Rep};
 use crate::rules::{Command, Request, Verdict};
 use crate::uring::{Completion, Data, Engine, Sock, Source};
 
+/// The error for an op toward a target or upstream that failed with `res`: a connect timeout
+/// when the timer cut it short (it was cancelled), else `otherwise`.
+pub(super) fn cut_short(timed_out: bool, res: i32, otherwise: RelayError) -> RelayError {
+    if timed_out || res == -libc::ECANCELED {
+        RelayError::ConnectTimeout
+    } else {
+        otherwise
+    }
+}
+
 /// How long a rejected client gets to read its error reply.
 pub(super) const REJECT_LINGER: Duration = Duration::from_secs(5);
 
@@ -516,7 +526,9 @@ impl Conn {
         if let Some(r) = &mut self.record {
             r.rep = rep;
         }
-        self.end_reason(err.to_string());
+        if self.record.is_some() {
+            self.end_reason(err.to_string());
+        }
         info!(
             client = %self.peer_str(),
             target = %dst,
@@ -559,16 +571,9 @@ impl Conn {
     }
 
     pub(super) fn on_reject_send<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, c: Completion) {
-        let Data::Buf { mut buf, off } = c.data else {
-            return self.close(cx);
+        let Some(mut buf) = self.client_sent(cx, c, Op::RejectSend) else {
+            return;
         };
-        if c.res <= 0 {
-            return self.close(cx);
-        }
-        let off = off + c.res as usize;
-        if off < buf.len() {
-            return self.send_client(cx, buf, off, Op::RejectSend);
-        }
         // The answer is out. Closing now with unread client bytes would send a reset that can
         // destroy the answer before the client reads it: send our FIN, then discard what the
         // client still sends until its EOF (or REJECT_LINGER, armed in `reject`).

@@ -86,21 +86,24 @@ impl Conn {
                 cx.metrics
                     .handshake
                     .observe(cx.now.saturating_duration_since(self.accepted));
-                self.record = Some(Box::new(Record {
-                    command: match req.cmd {
-                        Command::CONNECT => "connect",
-                        Command::UDP_ASSOCIATE => "udp",
-                        Command::BIND => "bind",
-                        _ => "other",
-                    },
-                    user: user.clone(),
-                    target: req.dst.to_string(),
-                    connected: None,
-                    rep: 0,
-                    up: 0,
-                    down: 0,
-                    reason: "".into(),
-                }));
+                // Only an access log reads the record: without one, no per-request strings.
+                self.record = cx.access.is_some().then(|| {
+                    Box::new(Record {
+                        command: match req.cmd {
+                            Command::CONNECT => "connect",
+                            Command::UDP_ASSOCIATE => "udp",
+                            Command::BIND => "bind",
+                            _ => "other",
+                        },
+                        user: user.clone(),
+                        target: req.dst.to_string(),
+                        connected: None,
+                        rep: 0,
+                        up: 0,
+                        down: 0,
+                        reason: "".into(),
+                    })
+                });
                 let next = Requested {
                     req,
                     reply_prefix: out,
@@ -194,15 +197,8 @@ impl Conn {
     }
 
     pub(super) fn on_handshake_send<E: Engine>(&mut self, cx: &mut Ctx<'_, E>, c: Completion) {
-        let Data::Buf { buf, off } = c.data else {
-            return self.close(cx);
-        };
-        if c.res <= 0 {
-            return self.close(cx);
-        }
-        let off = off + c.res as usize;
-        if off < buf.len() {
-            return self.send_client(cx, buf, off, Op::HandshakeSend);
+        if self.client_sent(cx, c, Op::HandshakeSend).is_none() {
+            return;
         }
         let Stage::Handshake(hs) = &mut self.stage else {
             return self.close(cx);

@@ -14,6 +14,7 @@ use std::time::Instant;
 use tracing::{debug, info};
 
 use super::conn::{Conn, Stage};
+use super::connect::cut_short;
 use super::handshake::Requested;
 use super::token::Op;
 use super::Ctx;
@@ -201,11 +202,7 @@ impl Conn {
                 "upstream unreachable"
             );
             cx.io.close(sock);
-            let err = if up.timed_out || c.res == -libc::ECANCELED {
-                RelayError::ConnectTimeout
-            } else {
-                RelayError::Connect(-c.res)
-            };
+            let err = cut_short(up.timed_out, c.res, RelayError::Connect(-c.res));
             return self.fail_upstream_assoc(cx, err);
         }
         let (sock, _) = cx.io.establish(sock);
@@ -236,11 +233,7 @@ impl Conn {
             return self.close(cx);
         };
         if c.res <= 0 {
-            let err = if up.timed_out || c.res == -libc::ECANCELED {
-                RelayError::ConnectTimeout
-            } else {
-                RelayError::UpstreamFailed
-            };
+            let err = cut_short(up.timed_out, c.res, RelayError::UpstreamFailed);
             return self.fail_upstream_assoc(cx, err);
         }
         let off = off + c.res as usize;
@@ -275,11 +268,7 @@ impl Conn {
             return self.end_udp(cx, "upstream control connection closed");
         }
         if c.res <= 0 {
-            let err = if up.timed_out || c.res == -libc::ECANCELED {
-                RelayError::ConnectTimeout
-            } else {
-                RelayError::UpstreamFailed
-            };
+            let err = cut_short(up.timed_out, c.res, RelayError::UpstreamFailed);
             return self.fail_upstream_assoc(cx, err);
         }
         let Some(hs) = up.handshake.as_mut() else {
